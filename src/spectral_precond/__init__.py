@@ -1,0 +1,41 @@
+"""spectral_precond: preconditioned two-layer networks, trained many at a time.
+
+The library behind the book *Preconditioning and Feature Learning*, a reproduction
+and extension of Yoshida & Nitanda (2025), arXiv 2509.25637.
+"""
+
+from .data import (
+    Case,
+    GaussianInputs,
+    RegressionData,
+    SingleIndexTeacher,
+    case_high,
+    case_low,
+    make_regression_data,
+    softplus10,
+    two_level_case,
+)
+from .gram import cross_gram, gram
+from .networks import Params, kaiming_init, p_isotropic_init, preactivations, predict
+from .preconditioners import (
+    empirical_power,
+    identity,
+    matrix_sqrt,
+    population_power,
+    validate_preconditioner,
+)
+from .profiles import book_profile, pick
+from .reference import reference_train
+from .seeding import generator
+from .training import TrainConfig, TrainResult, log_spaced_steps, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Case", "GaussianInputs", "Params", "RegressionData", "SingleIndexTeacher",
+    "TrainConfig", "TrainResult", "book_profile", "case_high", "case_low",
+    "cross_gram", "empirical_power", "generator", "gram", "identity", "kaiming_init",
+    "log_spaced_steps", "make_regression_data", "matrix_sqrt", "p_isotropic_init",
+    "pick", "population_power", "preactivations", "predict", "reference_train",
+    "softplus10", "train", "two_level_case", "validate_preconditioner",
+]
