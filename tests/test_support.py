@@ -1,0 +1,82 @@
+"""Seeding, profiles, initialisation and figure files."""
+
+import hashlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+import spectral_precond as sp
+from spectral_precond.plotting import save_figure, use_book_style
+
+
+def test_generator_streams_are_reproducible_and_independent():
+    a = torch.rand(3, generator=sp.generator(1, "data"))
+    assert torch.equal(a, torch.rand(3, generator=sp.generator(1, "data")))
+    assert not torch.equal(a, torch.rand(3, generator=sp.generator(1, "init")))
+    assert not torch.equal(a, torch.rand(3, generator=sp.generator(2, "data")))
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        sp.generator(-1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        sp.generator(1.5)
+
+
+def test_profile_switch(monkeypatch):
+    monkeypatch.setenv("BOOK_PROFILE", "paper")
+    assert sp.pick(paper=10_000, ci=50) == 10_000
+    monkeypatch.setenv("BOOK_PROFILE", "ci")
+    assert sp.pick(paper=10_000, ci=50) == 50
+    monkeypatch.setenv("BOOK_PROFILE", "huge")
+    with pytest.raises(ValueError, match="BOOK_PROFILE='huge' is not a known profile; allowed: paper, ci"):
+        sp.book_profile()
+    with pytest.raises(ValueError, match="one value per profile"):
+        sp.pick(profile="ci", ci=1)
+
+
+def test_kaiming_init_depends_on_the_seed_not_the_position():
+    grid = sp.kaiming_init([[3, 4], [5, 6]], dx=10, dh=50)
+    alone = sp.kaiming_init([[6]], dx=10, dh=50)
+    assert torch.equal(grid.W1[1, 1], alone.W1[0, 0])
+    bound = 1e-3 * np.sqrt(6 / 10)
+    assert grid.W1.abs().max() <= bound and grid.W1.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(grid.b1) == 0 and torch.count_nonzero(grid.b2) == 0
+
+
+def test_p_isotropic_rows_have_covariance_proportional_to_p():
+    P = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    params = sp.p_isotropic_init([[0]], P, dh=100_000, scale=1.0)
+    W = params.W1[0, 0]
+    torch.testing.assert_close(W.T @ W / W.shape[0], P * 2 / 3, atol=0.02, rtol=0.02)
+
+
+def test_params_stack_and_shape_checks():
+    a = sp.kaiming_init([[1]], 3, 4).model(0, 0)
+    b = sp.kaiming_init([[2]], 3, 4).model(0, 0)
+    grid = sp.Params.stack([[a, b]])
+    assert grid.grid == (1, 2) and torch.equal(grid.W1[0, 1], b[0])
+    with pytest.raises(ValueError, match="b1 must have shape"):
+        sp.Params(grid.W1, grid.b1[..., :2], grid.W2, grid.b2)
+
+
+def _figure():
+    use_book_style()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1, 0, 2], label="a line")
+    ax.legend()
+    return fig
+
+
+def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
+    digests = []
+    for _ in range(2):
+        fig = _figure()
+        png, pdf = save_figure(fig, "demo", tmp_path)
+        plt.close(fig)
+        digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in (png, pdf)])
+    assert digests[0] == digests[1]
+    with pytest.raises(ValueError, match="figure name"):
+        save_figure(_figure(), "../escape", tmp_path)

@@ -1,0 +1,125 @@
+"""The batched trainer against the independent autograd reference, and its contract."""
+
+import numpy as np
+import pytest
+import torch
+
+import spectral_precond as sp
+
+
+def _batch(ps, dh=24, n_train=40, seed=0):
+    """Two groups (Case High, Case Low), one model per p, two SNRs among the models."""
+    Xs, ys, Ps = [], [], []
+    for g, case in enumerate([sp.case_high(), sp.case_low()]):
+        data = sp.make_regression_data(
+            case.inputs, case.teacher(sp.generator(seed + g, "teacher")),
+            n_samples=300, n_train=n_train, snr=[1.0, 4.0],
+            generator=sp.generator(seed + g, "data"),
+        )
+        Xs.append(data.X_train)
+        ys.append(torch.stack([data.y_train[m % 2] for m in range(len(ps))]))
+        Ps.append(torch.stack([sp.population_power(case.inputs, p) for p in ps]))
+    seeds = np.arange(2 * len(ps)).reshape(2, len(ps)) + 100 * seed
+    # A larger-than-paper init scale makes the ReLU pattern change during the run.
+    params = sp.kaiming_init(seeds, dx=10, dh=dh, scale=0.5)
+    return torch.stack(Xs), torch.stack(ys), torch.stack(Ps), params
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_batched_matches_reference_step_by_step(weight_decay):
+    ps = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    X, y, P, params = _batch(ps)
+    n_steps = 60
+    cfg = sp.TrainConfig(n_steps=n_steps, lr=1e-2, weight_decay=weight_decay,
+                         log_steps=list(range(n_steps + 1)))
+    result = sp.train(X, y, P, params, cfg)
+    for g in range(2):
+        for m in range(len(ps)):
+            losses, final = sp.reference_train(
+                X[g], y[g, m], P[g, m], *params.model(g, m), n_steps=n_steps,
+                lr=1e-2, weight_decay=weight_decay,
+            )
+            torch.testing.assert_close(result.train_loss[g, m], losses, rtol=1e-12, atol=1e-12)
+            for got, want in zip(result.params.model(g, m), final):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # The losses moved: the comparison was not between two frozen runs.
+    assert (result.train_loss[..., -1] < 0.9 * result.train_loss[..., 0]).all()
+
+
+def test_float32_matches_reference_within_float_tolerance():
+    X, y, P, params = _batch([-1.0, 1.0], seed=3)
+    cfg = sp.TrainConfig(n_steps=30, log_steps=list(range(31)))
+    result = sp.train(X.float(), y.float(), P, params, cfg)
+    assert result.train_loss.dtype == torch.float32
+    for g in range(2):
+        for m in range(2):
+            losses, _ = sp.reference_train(X[g], y[g, m], P[g, m], *params.model(g, m), n_steps=30)
+            torch.testing.assert_close(result.train_loss[g, m].double(), losses, rtol=1e-4, atol=1e-5)
+
+
+def test_models_in_a_batch_do_not_interact():
+    X, y, P, params = _batch([-0.5, 0.5, 1.0], seed=5)
+    cfg = sp.TrainConfig(n_steps=20, log_steps=[0, 10, 20])
+    together = sp.train(X, y, P, params, cfg)
+    sub = sp.Params(*(t[1:, 1:2] for t in params.tensors()))
+    alone = sp.train(X[1:], y[1:, 1:2], P[1:, 1:2], sub, cfg)
+    torch.testing.assert_close(together.train_loss[1:, 1:2], alone.train_loss, rtol=1e-13, atol=0)
+
+
+def test_same_seed_gives_identical_results():
+    runs = [sp.train(*_batch([0.0, 1.0], seed=7), sp.TrainConfig(n_steps=25)) for _ in range(2)]
+    assert torch.equal(runs[0].train_loss, runs[1].train_loss)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].params.tensors(), runs[1].params.tensors()))
+    other = sp.train(*_batch([0.0, 1.0], seed=8), sp.TrainConfig(n_steps=25))
+    assert not torch.equal(runs[0].train_loss, other.train_loss)
+
+
+def test_test_loss_is_the_mse_of_the_logged_parameters():
+    X, y, P, params = _batch([0.0], seed=2)
+    Xt, yt = X.flip(1), y.flip(-1)  # any other inputs will do
+    result = sp.train(X, y, P, params, sp.TrainConfig(n_steps=15, log_steps=[15]), Xt, yt)
+    want = ((sp.predict(result.params, Xt) - yt) ** 2).mean(-1)
+    torch.testing.assert_close(result.test_loss[..., -1], want)
+    torch.testing.assert_close(
+        result.train_loss[..., -1], ((sp.predict(result.params, X) - y) ** 2).mean(-1)
+    )
+
+
+def test_initial_parameters_are_not_modified():
+    X, y, P, params = _batch([1.0])
+    before = params.clone()
+    sp.train(X, y, P, params, sp.TrainConfig(n_steps=5))
+    assert all(torch.equal(a, b) for a, b in zip(before.tensors(), params.tensors()))
+
+
+def test_log_spaced_steps():
+    steps = sp.log_spaced_steps(10_000, 100)
+    assert steps[0] == 0 and steps[-1] == 10_000
+    assert np.all(np.diff(steps) > 0)
+    assert 80 <= len(steps) <= 100
+    assert sp.TrainConfig(n_steps=10_000).schedule().tolist() == steps.tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be finite"),
+        ({"n_steps": 0}, "n_steps must be >= 1"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
+        ({"n_steps": 10, "log_steps": [0, 11]}, "log_steps must lie in"),
+    ],
+)
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sp.TrainConfig(**kwargs)
+
+
+def test_mismatched_shapes_are_refused():
+    X, y, P, params = _batch([0.0, 1.0])
+    with pytest.raises(ValueError, match="y_train must have shape"):
+        sp.train(X, y[:, :1], P, params, sp.TrainConfig(n_steps=1))
+    with pytest.raises(ValueError, match="does not match X_train"):
+        sp.train(X[:, :, :5], y, P, params, sp.TrainConfig(n_steps=1))
+    with pytest.raises(ValueError, match="P must be"):
+        sp.train(X, y, P[..., :5, :5], params, sp.TrainConfig(n_steps=1))
