@@ -17,11 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 book: $(STAMP)
-	BOOK_PROFILE=$${BOOK_PROFILE:-paper} MPLBACKEND=Agg $(BIN)/jupyter-book build . --warningiserror --keep-going
+	BOOK_PROFILE=$${BOOK_PROFILE:-paper} $(BIN)/jupyter-book build . --all --warningiserror --keep-going
 	@echo "open _build/html/index.html"
 
 test: $(STAMP)
-	BOOK_PROFILE=ci MPLBACKEND=Agg $(BIN)/python -m pytest
+	BOOK_PROFILE=ci $(BIN)/python -m pytest
 
 # Re-execute the chapters under the CI profile and rewrite their paired .ipynb
 # (reference outputs for nbval). Run after editing a chapter's .md.

@@ -2,4 +2,3 @@ import os
 
 # Notebooks executed by nbval inherit this; the CI profile keeps each chapter to seconds.
 os.environ.setdefault("BOOK_PROFILE", "ci")
-os.environ.setdefault("MPLBACKEND", "Agg")

@@ -64,7 +64,7 @@ def out_of_sync() -> list[str]:
 
 def refresh(md: Path) -> None:
     nb = jupytext.read(md)
-    env = dict(os.environ, BOOK_PROFILE="ci", MPLBACKEND="Agg")
+    env = dict(os.environ, BOOK_PROFILE="ci")
     os.environ.update(env)
     NotebookClient(nb, timeout=1800, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
