@@ -80,3 +80,16 @@ def test_saved_figures_are_byte_identical_on_rerun(tmp_path):
     assert digests[0] == digests[1]
     with pytest.raises(ValueError, match="figure name"):
         save_figure(_figure(), "../escape", tmp_path)
+
+
+def test_verdicts_round_trip_and_are_validated(tmp_path):
+    from spectral_precond.results import Verdict, read_verdicts, write_verdicts
+
+    v = Verdict("ch3", "exp1-high", "larger p resists noise", "slope -0.2 +- 0.05", "reproduced", "fig-a")
+    write_verdicts("ch3", [v], tmp_path)
+    assert read_verdicts(tmp_path) == [v]
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        Verdict("ch3", "x", "c", "m", "sort of")
+    with pytest.raises(ValueError, match="must belong to chapter 'ch4'"):
+        write_verdicts("ch4", [v], tmp_path)
