@@ -123,3 +123,13 @@ def test_mismatched_shapes_are_refused():
         sp.train(X[:, :, :5], y, P, params, sp.TrainConfig(n_steps=1))
     with pytest.raises(ValueError, match="P must be"):
         sp.train(X, y, P[..., :5, :5], params, sp.TrainConfig(n_steps=1))
+
+
+def test_snapshots_hold_the_parameters_after_that_many_steps():
+    X, y, P, params = _batch([0.5], seed=4)
+    full = sp.train(X, y, P, params, sp.TrainConfig(n_steps=12, snapshot_steps=[0, 5, 12]))
+    short = sp.train(X, y, P, params, sp.TrainConfig(n_steps=5))
+    assert sorted(full.snapshots) == [0, 5, 12]
+    assert all(torch.equal(a, b) for a, b in zip(full.snapshots[0].tensors(), params.tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(full.snapshots[5].tensors(), short.params.tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(full.snapshots[12].tensors(), full.params.tensors()))

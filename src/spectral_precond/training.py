@@ -17,7 +17,7 @@ matrix product with their hidden units side by side. Gradients are written by ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -41,7 +41,8 @@ class TrainConfig:
 
     ``log_steps`` lists the steps at which losses are recorded (the loss at step
     ``t`` is that of the parameters after ``t`` updates); by default about
-    ``n_log`` log-spaced steps including 0 and ``n_steps``.
+    ``n_log`` log-spaced steps including 0 and ``n_steps``. ``snapshot_steps`` lists
+    the steps at which a copy of all parameters is kept (none by default).
     """
 
     n_steps: int = 10_000
@@ -49,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 1e-6
     n_log: int = 100
     log_steps: Sequence[int] | None = None
+    snapshot_steps: Sequence[int] = ()
 
     def __post_init__(self):
         positive_int("n_steps", self.n_steps)
@@ -58,13 +60,16 @@ class TrainConfig:
         wd = finite_real("weight_decay", self.weight_decay)
         if wd < 0:
             raise ValueError(f"weight_decay must be >= 0, got {wd}")
-        if self.log_steps is not None:
-            steps = np.asarray(self.log_steps)
+        for name in ("log_steps", "snapshot_steps"):
+            value = getattr(self, name)
+            if value is None or (name == "snapshot_steps" and len(value) == 0):
+                continue
+            steps = np.asarray(value)
             if steps.ndim != 1 or steps.size == 0 or not np.issubdtype(steps.dtype, np.integer):
-                raise ValueError(f"log_steps must be a non-empty list of ints, got {self.log_steps!r}")
+                raise ValueError(f"{name} must be a non-empty list of ints, got {value!r}")
             if steps.min() < 0 or steps.max() > self.n_steps:
                 raise ValueError(
-                    f"log_steps must lie in [0, n_steps={self.n_steps}], got "
+                    f"{name} must lie in [0, n_steps={self.n_steps}], got "
                     f"[{steps.min()}, {steps.max()}]"
                 )
 
@@ -80,13 +85,15 @@ class TrainResult:
 
     ``steps: (L,)``; ``train_loss`` and ``test_loss: (G, M, L)`` hold the mean squared
     error (without the weight-decay term) at those steps; ``test_loss`` is None when
-    no test set was given. ``params`` are the final parameters.
+    no test set was given. ``params`` are the final parameters; ``snapshots`` maps
+    each step of ``config.snapshot_steps`` to the parameters after that many updates.
     """
 
     steps: np.ndarray
     train_loss: torch.Tensor
     test_loss: torch.Tensor | None
     params: Params
+    snapshots: dict[int, Params] = field(default_factory=dict)
 
 
 def _as_groups(name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -177,6 +184,8 @@ def train(
 
     steps = config.schedule()
     log_at = {int(s): i for i, s in enumerate(steps)}
+    snapshot_at = {int(s) for s in config.snapshot_steps}
+    snapshots: dict[int, Params] = {}
     train_loss = torch.empty(G, M, len(steps), dtype=dtype, device=device)
     test_loss = None if X_test is None else torch.empty_like(train_loss)
     test_chunk = max(1, (1 << 22) // max(1, G * M * dh))
@@ -188,6 +197,8 @@ def train(
     lr, decay = config.lr, config.weight_decay / N
 
     for t in range(config.n_steps + 1):
+        if t in snapshot_at:
+            snapshots[t] = p.clone()
         if t == config.n_steps and t not in log_at:
             break
         # Forward pass: one wide product per group, hidden units of its M models side by side.
@@ -218,4 +229,5 @@ def train(
         W2.sub_(gW2, alpha=lr)
         b2.sub_(gb2, alpha=lr)
 
-    return TrainResult(steps=steps, train_loss=train_loss, test_loss=test_loss, params=p)
+    return TrainResult(steps=steps, train_loss=train_loss, test_loss=test_loss, params=p,
+                       snapshots=snapshots)
