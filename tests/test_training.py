@@ -133,3 +133,39 @@ def test_snapshots_hold_the_parameters_after_that_many_steps():
     assert all(torch.equal(a, b) for a, b in zip(full.snapshots[0].tensors(), params.tensors()))
     assert all(torch.equal(a, b) for a, b in zip(full.snapshots[5].tensors(), short.params.tensors()))
     assert all(torch.equal(a, b) for a, b in zip(full.snapshots[12].tensors(), full.params.tensors()))
+
+
+def test_diverging_models_are_reported_and_frozen_without_harming_the_others():
+    X, y, P, params = _batch([0.0, 1.0, 0.0], seed=6)
+    P = P.clone()
+    P[0, 1] *= 1e4          # one model per group is pushed far past the stability edge
+    P[1, 2] = 1e4 * torch.eye(10, dtype=torch.float64)
+    cfg = sp.TrainConfig(n_steps=300, log_steps=list(range(0, 301, 10)))
+    mixed = sp.train(X, y, P, params, cfg)
+    assert mixed.diverged.tolist() == [[False, True, False], [False, False, True]]
+    step = mixed.diverged_at[0, 1].item()
+    assert 0 < step <= 300
+    # Losses after detection are NaN, never a huge number; frozen parameters stay finite
+    # or at least do not change after detection.
+    after = torch.as_tensor(mixed.steps) >= step
+    assert torch.isnan(mixed.train_loss[0, 1, after]).all()
+    assert torch.isfinite(mixed.train_loss[0, 1, ~after]).all()
+    # The healthy models train exactly as they do without the diverging neighbours.
+    keep = [[0, 2], [0, 1]]
+    for g in range(2):
+        sub = sp.Params(*(t[g : g + 1, keep[g]] for t in params.tensors()))
+        alone = sp.train(X[g : g + 1], y[g : g + 1, keep[g]], P[g : g + 1, keep[g]], sub, cfg)
+        torch.testing.assert_close(mixed.train_loss[g : g + 1, keep[g]], alone.train_loss,
+                                   rtol=1e-12, atol=0)
+        assert not alone.diverged.any()
+
+
+def test_diverged_model_parameters_stop_changing():
+    X, y, P, params = _batch([0.0], seed=9)
+    P = P * 1e4
+    short = sp.train(X, y, P, params, sp.TrainConfig(n_steps=200, log_steps=[200]))
+    longer = sp.train(X, y, P, params, sp.TrainConfig(n_steps=400, log_steps=[400]))
+    assert short.diverged.all() and longer.diverged.all()
+    assert torch.equal(short.diverged_at, longer.diverged_at)
+    for a, b in zip(short.params.tensors(), longer.params.tensors()):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ._checks import finite_real, positive_int
-from .networks import Params, predict
+from .networks import Params
 
 
 def log_spaced_steps(n_steps: int, n_points: int = 100) -> np.ndarray:
@@ -51,6 +51,7 @@ class TrainConfig:
     n_log: int = 100
     log_steps: Sequence[int] | None = None
     snapshot_steps: Sequence[int] = ()
+    divergence_factor: float = 1e6
 
     def __post_init__(self):
         positive_int("n_steps", self.n_steps)
@@ -60,6 +61,8 @@ class TrainConfig:
         wd = finite_real("weight_decay", self.weight_decay)
         if wd < 0:
             raise ValueError(f"weight_decay must be >= 0, got {wd}")
+        if not finite_real("divergence_factor", self.divergence_factor) > 1:
+            raise ValueError(f"divergence_factor must be > 1, got {self.divergence_factor}")
         for name in ("log_steps", "snapshot_steps"):
             value = getattr(self, name)
             if value is None or (name == "snapshot_steps" and len(value) == 0):
@@ -87,13 +90,21 @@ class TrainResult:
     error (without the weight-decay term) at those steps; ``test_loss`` is None when
     no test set was given. ``params`` are the final parameters; ``snapshots`` maps
     each step of ``config.snapshot_steps`` to the parameters after that many updates.
+    ``diverged_at: (G, M)`` holds the step at which a model was found diverged and
+    frozen, or -1 for models that trained to the end.
     """
 
     steps: np.ndarray
     train_loss: torch.Tensor
     test_loss: torch.Tensor | None
     params: Params
+    diverged_at: torch.Tensor
     snapshots: dict[int, Params] = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> torch.Tensor:
+        """``(G, M)`` boolean mask of the models that diverged."""
+        return self.diverged_at >= 0
 
 
 def _as_groups(name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -122,13 +133,182 @@ def _expand_preconditioner(P: torch.Tensor, G: int, M: int, dx: int) -> torch.Te
         ) from None
 
 
-def _mse(params: Params, X: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean squared error ``(G, M)``, in chunks of samples to bound memory."""
-    total = torch.zeros(params.grid, dtype=X.dtype, device=X.device)
-    for start in range(0, X.shape[1], chunk):
-        f = predict(params, X[:, start : start + chunk])
-        total += ((f - y[..., start : start + chunk]) ** 2).sum(-1)
-    return total / X.shape[1]
+#: Activations of one chunk of models stay below this size on the CPU, so that the
+#: passes over them in one step hit the cache rather than main memory.
+CPU_CHUNK_BYTES = 4 << 20
+#: Same bound for the test-set forward pass.
+EVAL_CHUNK_BYTES = 4 << 20
+#: Losses are checked for divergence at every logged step and every this many steps.
+DIVERGENCE_CHECK_EVERY = 50
+
+
+class _Run:
+    """State shared by the chunks of one call to :func:`train`."""
+
+    def __init__(self, X, y, P, params, config, steps, X_test, y_test, chunk_models):
+        self.config, self.steps, self.params = config, steps, params
+        G, M = params.grid
+        N, dx, dh = X.shape[1], params.dim, params.width
+        dtype, device = X.dtype, X.device
+        self.G, self.M, self.N, self.dx, self.dh = G, M, N, dx, dh
+        ones = torch.ones(G, N, 1, dtype=dtype, device=device)
+        # Inputs with a column of ones: the first-layer bias rides in the product.
+        self.X1 = torch.cat([X, ones], dim=2)
+        self.X1t = self.X1.transpose(1, 2).contiguous()
+        self.y, self.P = y, P
+        self.X1t_test = None
+        if X_test is not None:
+            ones = torch.ones(G, X_test.shape[1], 1, dtype=dtype, device=device)
+            self.X1t_test = torch.cat([X_test, ones], dim=2).transpose(1, 2).contiguous()
+            self.y_test = y_test
+        # W1 and b1 side by side in one tensor A = [W1 | b1] of shape (G, M, dh, dx + 1).
+        self.A = torch.cat([params.W1, params.b1.unsqueeze(-1)], dim=-1).contiguous()
+        self.W2, self.b2 = params.W2, params.b2
+        self.log_at = {int(t): i for i, t in enumerate(steps)}
+        self.snapshot_at = sorted({int(t) for t in config.snapshot_steps})
+        self.snapshot_A = {t: torch.empty_like(self.A) for t in self.snapshot_at}
+        self.snapshot_W2 = {t: torch.empty_like(self.W2) for t in self.snapshot_at}
+        self.snapshot_b2 = {t: torch.empty_like(self.b2) for t in self.snapshot_at}
+        self.train_loss = torch.full((G, M, len(steps)), float("nan"), dtype=dtype, device=device)
+        self.test_loss = None if X_test is None else torch.full_like(self.train_loss, float("nan"))
+        self.diverged_at = torch.full((G, M), -1, dtype=torch.long, device=device)
+        itemsize = torch.finfo(dtype).bits // 8
+        if chunk_models is None:
+            if device.type == "cpu":
+                chunk_models = max(1, CPU_CHUNK_BYTES // (dh * N * itemsize))
+            else:
+                chunk_models = M
+        positive_int("chunk_models", chunk_models)
+        self.chunk_models = min(chunk_models, M)
+        self.itemsize = itemsize
+
+    def chunks(self):
+        for g in range(self.G):
+            for m0 in range(0, self.M, self.chunk_models):
+                yield _Chunk(self, g, m0, min(self.M, m0 + self.chunk_models))
+
+    def result(self) -> TrainResult:
+        dx = self.dx
+        def unpack(A, W2, b2):
+            return Params(A[..., :dx].contiguous(), A[..., dx].contiguous(), W2, b2)
+        snapshots = {
+            t: unpack(self.snapshot_A[t], self.snapshot_W2[t], self.snapshot_b2[t])
+            for t in self.snapshot_at
+        }
+        return TrainResult(
+            steps=self.steps, train_loss=self.train_loss, test_loss=self.test_loss,
+            params=unpack(self.A, self.W2, self.b2), diverged_at=self.diverged_at,
+            snapshots=snapshots,
+        )
+
+
+class _Chunk:
+    """Models ``m0:m1`` of group ``g``: views into the run's tensors, and buffers.
+
+    All models of a chunk share the group's inputs, so the first-layer forward and
+    backward products are single wide matrix products with the hidden units of the
+    chunk's models side by side (``c * dh`` rows).
+    """
+
+    def __init__(self, run: _Run, g: int, m0: int, m1: int):
+        self.run, self.g = run, g
+        c, dh, N = m1 - m0, run.dh, run.N
+        self.c = c
+        self.A = run.A[g, m0:m1]                       # (c, dh, dx + 1), a view
+        self.A2 = self.A.view(c * dh, run.dx + 1)
+        self.W2, self.b2 = run.W2[g, m0:m1], run.b2[g, m0:m1]
+        self.W2_rows = self.W2.view(c, 1, dh)
+        self.y = run.y[g, m0:m1]
+        self.P = run.P[g, m0:m1]
+        self.X1, self.X1t = run.X1[g], run.X1t[g]
+        self.Z = torch.empty(c * dh, N, dtype=self.A.dtype, device=self.A.device)
+        self.slice = (g, slice(m0, m1))
+
+    def forward(self):
+        """Pre-activations into the buffer, ReLU in place; returns outputs ``(c, N)``."""
+        H = torch.mm(self.A2, self.X1t, out=self.Z).clamp_min_(0.0)
+        return torch.bmm(self.W2_rows, H.view(self.c, self.run.dh, -1)).squeeze(1).add_(
+            self.b2.unsqueeze(-1))
+
+    def test_mse(self):
+        run = self.run
+        X1t = run.X1t_test[self.g]
+        y = run.y_test[self.slice]
+        n = X1t.shape[1]
+        width = max(1, EVAL_CHUNK_BYTES // (self.c * run.dh * run.itemsize))
+        total = torch.zeros(self.c, dtype=X1t.dtype, device=X1t.device)
+        for s in range(0, n, width):
+            H = torch.mm(self.A2, X1t[:, s : s + width]).clamp_min_(0.0)
+            f = torch.bmm(self.W2_rows, H.view(self.c, run.dh, -1)).squeeze(1)
+            total += (f.add_(self.b2.unsqueeze(-1)) - y[:, s : s + width]).square_().sum(-1)
+        return total / n
+
+    def train(self):
+        run, config = self.run, self.run.config
+        c, N = self.c, run.N
+        lr, decay = config.lr, config.weight_decay / N
+        log_at, train_loss, test_loss = run.log_at, run.train_loss, run.test_loss
+        snapshot_at = set(run.snapshot_at)
+        diverged_at = run.diverged_at[self.slice]
+        active = torch.ones(c, dtype=torch.bool, device=self.A.device)
+        frozen = False          # True once a model of this chunk has diverged
+        limit = None
+        for t in range(config.n_steps + 1):
+            if t in snapshot_at:
+                run.snapshot_A[t][self.slice].copy_(self.A)
+                run.snapshot_W2[t][self.slice].copy_(self.W2)
+                run.snapshot_b2[t][self.slice].copy_(self.b2)
+            if t == config.n_steps and t not in log_at:
+                break
+            r = self.forward().sub_(self.y)                  # residuals (c, N)
+            if t in log_at or t % DIVERGENCE_CHECK_EVERY == 0 or t == config.n_steps:
+                loss = torch.linalg.vecdot(r, r) / N
+                if limit is None:
+                    limit = config.divergence_factor * loss.clamp_min(1.0)
+                bad = ~(loss <= limit) & active               # NaN-safe
+                if bad.any():     # one host synchronisation per check, not per step
+                    diverged_at.masked_fill_(bad, t)
+                    active &= ~bad
+                    frozen = True
+                if t in log_at:
+                    i = log_at[t]
+                    train_loss[self.slice][:, i] = loss.masked_fill(~active, float("nan"))
+                    if test_loss is not None:
+                        test_loss[self.slice][:, i] = self.test_mse().masked_fill(
+                            ~active, float("nan"))
+            if t == config.n_steps:
+                break
+            self.step(r.mul_(2.0 / N), active if frozen else None, lr, decay)
+
+    def step(self, d, active, lr, decay):
+        """One preconditioned gradient step from ``d = dL/df`` of shape ``(c, N)``.
+
+        With ``D = 1[Z > 0] * d`` (per hidden unit and sample) the gradient of the
+        first layer is ``W2 * (D @ X1)`` and that of ``W2`` is the row-wise dot
+        product of ``A`` with ``D @ X1`` (because ``relu(z) = 1[z > 0] z`` and
+        ``Z = A X1^T``), so the activations are read by one product only. Models
+        with ``active`` False (diverged) are left unchanged.
+        """
+        dh, dx = self.run.dh, self.run.dx
+        D = self.Z.sign_().view(self.c, dh, -1).mul_(d.unsqueeze(1))
+        # (dx + 1, c * dh) is the fast orientation of this product; use its transpose.
+        GX = torch.mm(self.X1t, D.view(self.c * dh, -1).T).T.view(self.c, dh, dx + 1)
+        gW2 = torch.linalg.vecdot(GX, self.A)
+        gA = GX.mul_(self.W2.unsqueeze(-1))                 # [dL/dW1 | dL/db1] before decay
+        gW1 = gA[..., :dx]
+        if decay:
+            gW1.add_(self.A[..., :dx], alpha=decay)
+            gW2.add_(self.W2, alpha=decay)
+        # The preconditioned first-layer step; the bias and the head take plain steps.
+        gW1.copy_(torch.bmm(gW1, self.P))
+        gb2 = d.sum(-1)
+        if active is not None:
+            gA.masked_fill_(~active.view(-1, 1, 1), 0.0)
+            gW2.masked_fill_(~active.view(-1, 1), 0.0)
+            gb2.masked_fill_(~active, 0.0)
+        self.A.sub_(gA, alpha=lr)
+        self.W2.sub_(gW2, alpha=lr)
+        self.b2.sub_(gb2, alpha=lr)
 
 
 def train(
@@ -139,6 +319,7 @@ def train(
     config: TrainConfig = TrainConfig(),
     X_test: torch.Tensor | None = None,
     y_test: torch.Tensor | None = None,
+    chunk_models: int | None = None,
 ) -> TrainResult:
     """Train a ``(G, M)`` grid of networks by full-batch preconditioned gradient descent.
 
@@ -156,6 +337,17 @@ def train(
     config : TrainConfig
     X_test, y_test : (G, n_test, dx) and (G, M, n_test), optional
         Test set whose loss is recorded at the logged steps.
+    chunk_models : int, optional
+        How many models of a group are stepped together. By default as many as keep
+        one chunk's activations within a few MiB on the CPU (so that they stay in
+        cache) and whole groups on a GPU. Results do not depend on it.
+
+    Returns
+    -------
+    TrainResult
+        A model whose loss becomes non-finite or exceeds ``config.divergence_factor``
+        times its initial loss is frozen at that step; ``diverged_at`` records the
+        step and its later logged losses are NaN. The other models are unaffected.
     """
     X = _as_groups("X_train", X_train, 3)
     y = _as_groups("y_train", y_train, 3)
@@ -183,51 +375,8 @@ def train(
             )
 
     steps = config.schedule()
-    log_at = {int(s): i for i, s in enumerate(steps)}
-    snapshot_at = {int(s) for s in config.snapshot_steps}
-    snapshots: dict[int, Params] = {}
-    train_loss = torch.empty(G, M, len(steps), dtype=dtype, device=device)
-    test_loss = None if X_test is None else torch.empty_like(train_loss)
-    test_chunk = max(1, (1 << 22) // max(1, G * M * dh))
-
     p = params.to(dtype=dtype, device=device).clone()
-    W1, b1, W2, b2 = p.tensors()
-    W1_wide = W1.view(G, M * dh, dx)
-    Xt = X.transpose(1, 2)
-    lr, decay = config.lr, config.weight_decay / N
-
-    for t in range(config.n_steps + 1):
-        if t in snapshot_at:
-            snapshots[t] = p.clone()
-        if t == config.n_steps and t not in log_at:
-            break
-        # Forward pass: one wide product per group, hidden units of its M models side by side.
-        Z = torch.baddbmm(b1.view(G, M * dh, 1), W1_wide, Xt).view(G, M, dh, N)
-        H = Z.clamp_min(0.0)
-        f = (W2.unsqueeze(-2) @ H).squeeze(-2) + b2.unsqueeze(-1)
-        r = f - y
-        if t in log_at:
-            i = log_at[t]
-            train_loss[..., i] = (r * r).mean(-1)
-            if test_loss is not None:
-                test_loss[..., i] = _mse(p, X_test, y_test, test_chunk)
-        if t == config.n_steps:
-            break
-        # Backward pass by hand: d = dL/df, dZ = dL/dZ.
-        d = r.mul_(2.0 / N)
-        gW2 = (H @ d.unsqueeze(-1)).squeeze(-1)
-        gb2 = d.sum(-1)
-        dZ = (W2.unsqueeze(-1) * d.unsqueeze(-2)).mul_(Z > 0)
-        gb1 = dZ.sum(-1)
-        gW1 = torch.bmm(dZ.view(G, M * dh, N), X).view(G, M, dh, dx)
-        if decay:
-            gW1.add_(W1, alpha=decay)
-            gW2.add_(W2, alpha=decay)
-        # The preconditioned first-layer step; the rest is plain gradient descent.
-        W1.sub_(gW1 @ P, alpha=lr)
-        b1.sub_(gb1, alpha=lr)
-        W2.sub_(gW2, alpha=lr)
-        b2.sub_(gb2, alpha=lr)
-
-    return TrainResult(steps=steps, train_loss=train_loss, test_loss=test_loss, params=p,
-                       snapshots=snapshots)
+    run = _Run(X, y, P.contiguous(), p, config, steps, X_test, y_test, chunk_models)
+    for chunk in run.chunks():
+        chunk.train()
+    return run.result()
