@@ -23,12 +23,17 @@ def reference_train(
     n_steps: int,
     lr: float = 1e-2,
     weight_decay: float = 1e-6,
+    X_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    test_steps=None,
 ):
     """Train one network; return ``(losses, (W1, b1, W2, b2))``.
 
     ``X: (N, dx)``, ``y: (N,)``, ``P: (dx, dx)``, ``W1: (dh, dx)``, ``b1, W2: (dh,)``,
     ``b2: ()``. ``losses`` has ``n_steps + 1`` entries: the mean squared error before
-    each step and after the last one.
+    each step and after the last one. With a test set, the test error is evaluated at
+    ``test_steps`` (every step when None), as the authors' script does, and
+    ``(losses, test_losses, params)`` is returned, ``test_losses`` a dict by step.
     """
     dtype = X.dtype
     dh, dx = W1.shape
@@ -40,11 +45,15 @@ def reference_train(
         net[2].bias.copy_(b2.reshape(1))
     P = P.to(dtype)
     N = X.shape[0]
-    losses = []
+    losses, test_losses = [], {}
+    wanted = None if test_steps is None else set(int(s) for s in test_steps)
     for step in range(n_steps + 1):
         net.zero_grad()
         mse = nn.functional.mse_loss(net(X).squeeze(-1), y)
         losses.append(mse.item())
+        if X_test is not None and (wanted is None or step in wanted):
+            with torch.no_grad():
+                test_losses[step] = nn.functional.mse_loss(net(X_test).squeeze(-1), y_test).item()
         if step == n_steps:
             break
         penalty = net[0].weight.pow(2).sum() + net[2].weight.pow(2).sum()
@@ -59,4 +68,6 @@ def reference_train(
         net[2].weight.detach().reshape(dh).clone(),
         net[2].bias.detach().reshape(()).clone(),
     )
+    if X_test is not None:
+        return torch.tensor(losses, dtype=dtype), test_losses, final
     return torch.tensor(losses, dtype=dtype), final

@@ -17,6 +17,7 @@ matrix product with their hidden units side by side. Gradients are written by ha
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -135,9 +136,9 @@ def _expand_preconditioner(P: torch.Tensor, G: int, M: int, dx: int) -> torch.Te
 
 #: Activations of one chunk of models stay below this size on the CPU, so that the
 #: passes over them in one step hit the cache rather than main memory.
-CPU_CHUNK_BYTES = 4 << 20
+CPU_CHUNK_BYTES = 2 << 20
 #: Same bound for the test-set forward pass.
-EVAL_CHUNK_BYTES = 4 << 20
+EVAL_CHUNK_BYTES = 2 << 20
 #: Losses are checked for divergence at every logged step and every this many steps.
 DIVERGENCE_CHECK_EVERY = 50
 
@@ -283,16 +284,19 @@ class _Chunk:
     def step(self, d, active, lr, decay):
         """One preconditioned gradient step from ``d = dL/df`` of shape ``(c, N)``.
 
-        With ``D = 1[Z > 0] * d`` (per hidden unit and sample) the gradient of the
-        first layer is ``W2 * (D @ X1)`` and that of ``W2`` is the row-wise dot
-        product of ``A`` with ``D @ X1`` (because ``relu(z) = 1[z > 0] z`` and
-        ``Z = A X1^T``), so the activations are read by one product only. Models
-        with ``active`` False (diverged) are left unchanged.
+        With the mask ``S = 1[Z > 0]`` the first-layer gradient is
+        ``W2 * GX`` with ``GX = (S * d) @ X1``, computed as ``S @ (d * X1)`` so that
+        the sample weights fall on the small input matrix rather than on the
+        activations. The gradient of ``W2`` is the row-wise dot product of ``A`` with
+        ``GX`` (because ``relu(z) = 1[z > 0] z`` and ``Z = A X1^T``), so the
+        activations are read by one product only. Models with ``active`` False
+        (diverged) are left unchanged.
         """
         dh, dx = self.run.dh, self.run.dx
-        D = self.Z.sign_().view(self.c, dh, -1).mul_(d.unsqueeze(1))
-        # (dx + 1, c * dh) is the fast orientation of this product; use its transpose.
-        GX = torch.mm(self.X1t, D.view(self.c * dh, -1).T).T.view(self.c, dh, dx + 1)
+        S = self.Z.sign_().view(self.c, dh, -1)             # ReLU mask, in place of H
+        Xd = self.X1t.unsqueeze(0) * d.unsqueeze(1)         # (c, dx + 1, N)
+        # (dx + 1) x dh is the fast orientation of this product; use its transpose.
+        GX = torch.bmm(Xd, S.transpose(1, 2)).transpose(1, 2)   # (c, dh, dx + 1)
         gW2 = torch.linalg.vecdot(GX, self.A)
         gA = GX.mul_(self.W2.unsqueeze(-1))                 # [dL/dW1 | dL/db1] before decay
         gW1 = gA[..., :dx]
@@ -377,6 +381,22 @@ def train(
     steps = config.schedule()
     p = params.to(dtype=dtype, device=device).clone()
     run = _Run(X, y, P.contiguous(), p, config, steps, X_test, y_test, chunk_models)
-    for chunk in run.chunks():
-        chunk.train()
+    chunks = list(run.chunks())
+    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for chunk in chunks:
+            chunk.train()
+        return run.result()
+    # On the CPU, whole chunks go to worker threads, each running single-threaded
+    # operations: the chunks are independent, the products release the GIL, and this
+    # avoids the fork-join (and, on a busy machine, spin-waiting) of splitting every
+    # small operation across cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(chunk.train) for chunk in chunks]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
     return run.result()

@@ -1,0 +1,86 @@
+"""Throughput of the batched trainer against this machine's roofline.
+
+    python benchmarks/throughput.py [--steps 300] [--models 1 8 64 256]
+
+Measures the float32 matrix-product peak and the memory bandwidth, then trains B
+models that share one data set (the paper's sizes: N = 200, width 500, dx = 10) and
+reports model-steps per second and the fraction of the roofline bound, the larger of
+FLOPs / peak and bytes / bandwidth. A profile of one run at 64 models (on one
+thread) shows where the time goes. Writes results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import spectral_precond as sp
+from common import PAPER, machine, matmul_peak, memory_bandwidth, step_bytes, step_flops, write
+
+
+def batch(n_models: int, dx: int = 10, n_train: int = PAPER["n_train"], width: int = PAPER["width"]):
+    gen = sp.generator(0, "bench")
+    X = torch.randn(1, n_train, dx, generator=gen)
+    y = torch.randn(1, n_models, n_train, generator=gen)
+    P = torch.eye(dx)
+    params = sp.kaiming_init(np.arange(n_models).reshape(1, n_models), dx, width).to(torch.float32)
+    return X, y, P, params
+
+
+def run(n_models: int, steps: int, **sizes) -> float:
+    X, y, P, params = batch(n_models, **sizes)
+    config = sp.TrainConfig(n_steps=steps, log_steps=[steps])
+    sp.train(X, y, P, params, sp.TrainConfig(n_steps=5, log_steps=[5]))
+    t0 = time.perf_counter()
+    sp.train(X, y, P, params, config)
+    return n_models * steps / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--models", type=int, nargs="+", default=[1, 8, 64, 256])
+    args = ap.parse_args()
+    info = machine()
+    peak, bandwidth = matmul_peak(), memory_bandwidth()
+    dx, n_train, width = 10, PAPER["n_train"], PAPER["width"]
+    flops, nbytes = step_flops(width, n_train, dx), step_bytes(width, n_train, dx)
+    bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # seconds per model-step
+    print(f"peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s; one model-step: "
+          f"{flops / 1e6:.2f} MFLOP, {nbytes / 1e3:.0f} kB -> roofline {1 / bound:.0f} model-steps/s")
+    rows = []
+    for B in args.models:
+        rate = run(B, args.steps)
+        rows.append({"models": B, "model_steps_per_s": rate, "gflops": rate * flops / 1e9,
+                     "roofline_fraction": rate * bound})
+        print(f"{B:4d} models: {rate:8.0f} model-steps/s, {rate * flops / 1e9:5.1f} GFLOP/s, "
+              f"{100 * rate * bound:4.0f} % of roofline")
+
+    # The profiler records the calling thread only: profile one worker's share of the
+    # work by running the chunks serially on one thread.
+    X, y, P, params = batch(64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sp.train(X, y, P, params, sp.TrainConfig(n_steps=100, log_steps=[100]))
+    torch.set_num_threads(threads)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    breakdown = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count}
+                 for e in events[:8]]
+    for row in breakdown:
+        print(f"  {row['op']:24s} {100 * row['share']:5.1f} %  ({row['calls']} calls)")
+    path = write("throughput", {
+        "machine": info, "peak_gflops": peak, "bandwidth_gbs": bandwidth,
+        "flops_per_model_step": flops, "bytes_per_model_step": nbytes,
+        "roofline_model_steps_per_s": 1 / bound, "rows": rows, "profile_64_models": breakdown,
+    })
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
