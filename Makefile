@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test notebooks check-notebooks clean
+.PHONY: book test notebooks check-notebooks clean benchmarks
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ check-notebooks: $(STAMP)
 
 clean:
 	rm -rf _build notebooks/figures
+
+# Remeasure the performance page's numbers on this machine (several minutes).
+benchmarks: $(STAMP)
+	cd benchmarks && ../$(BIN)/python sweep.py && ../$(BIN)/python throughput.py && ../$(BIN)/python scaling.py

@@ -32,7 +32,7 @@ print(json.dumps({{"seconds": elapsed,
 
 GRID = (
     [("models", dict(models=m, dx=10, n_train=200, steps=200)) for m in (8, 32, 128, 512)]
-    + [("dx", dict(models=32, dx=d, n_train=200, steps=200)) for d in (10, 100, 1000)]
+    + [("dx", dict(models=32, dx=d, n_train=200, steps=40)) for d in (10, 100, 1000)]
     + [("n_train", dict(models=32, dx=10, n_train=n, steps=200)) for n in (100, 200, 400, 800)]
     + [("steps", dict(models=32, dx=10, n_train=200, steps=s)) for s in (100, 1000, 4000)]
 )
@@ -45,9 +45,11 @@ def main():
         code = POINT.format(here=here, **point)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         row = {"axis": axis, **point, **json.loads(out.stdout.strip().splitlines()[-1])}
+        row["us_per_model_step"] = 1e6 * row["seconds"] / (point["models"] * point["steps"])
         rows.append(row)
         print(f"{axis:8s} models={point['models']:4d} dx={point['dx']:5d} N={point['n_train']:4d} "
-              f"steps={point['steps']:5d}: {row['seconds']:7.2f} s, peak {row['peak_rss_mib']:6.0f} MiB")
+              f"steps={point['steps']:5d}: {row['seconds']:7.2f} s "
+              f"({row['us_per_model_step']:7.0f} us per model-step), peak {row['peak_rss_mib']:6.0f} MiB")
     print(f"-> {write('scaling', {'machine': machine(), 'rows': rows})}")
 
 

@@ -295,22 +295,24 @@ class _Chunk:
         dh, dx = self.run.dh, self.run.dx
         S = self.Z.sign_().view(self.c, dh, -1)             # ReLU mask, in place of H
         Xd = self.X1t.unsqueeze(0) * d.unsqueeze(1)         # (c, dx + 1, N)
-        # (dx + 1) x dh is the fast orientation of this product; use its transpose.
-        GX = torch.bmm(Xd, S.transpose(1, 2)).transpose(1, 2)   # (c, dh, dx + 1)
-        gW2 = torch.linalg.vecdot(GX, self.A)
-        gA = GX.mul_(self.W2.unsqueeze(-1))                 # [dL/dW1 | dL/db1] before decay
-        gW1 = gA[..., :dx]
+        # Gradients are formed transposed, (c, dx + 1, dh): the products are faster
+        # with dh as the long output dimension.
+        GXT = torch.bmm(Xd, S.transpose(1, 2))
+        gW2 = torch.linalg.vecdot(GXT.transpose(1, 2), self.A)
+        gAT = GXT.mul_(self.W2.unsqueeze(1))                # [dL/dW1 | dL/db1]^T before decay
+        gW1T = gAT[:, :dx]
         if decay:
-            gW1.add_(self.A[..., :dx], alpha=decay)
+            gW1T.add_(self.A[..., :dx].transpose(1, 2), alpha=decay)
             gW2.add_(self.W2, alpha=decay)
-        # The preconditioned first-layer step; the bias and the head take plain steps.
-        gW1.copy_(torch.bmm(gW1, self.P))
+        # The preconditioned first-layer step, (dL/dW1 P)^T = P^T (dL/dW1)^T; the bias
+        # and the head take plain steps.
+        gW1T.copy_(torch.bmm(self.P.transpose(1, 2), gW1T))
         gb2 = d.sum(-1)
         if active is not None:
-            gA.masked_fill_(~active.view(-1, 1, 1), 0.0)
+            gAT.masked_fill_(~active.view(-1, 1, 1), 0.0)
             gW2.masked_fill_(~active.view(-1, 1), 0.0)
             gb2.masked_fill_(~active, 0.0)
-        self.A.sub_(gA, alpha=lr)
+        self.A.sub_(gAT.transpose(1, 2), alpha=lr)
         self.W2.sub_(gW2, alpha=lr)
         self.b2.sub_(gb2, alpha=lr)
 
