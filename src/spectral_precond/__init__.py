@@ -15,7 +15,17 @@ from .data import (
     softplus10,
     two_level_case,
 )
+from .digits import (
+    TEST_SETS,
+    OODDigits,
+    load_digits,
+    load_mnist,
+    make_ood_digits,
+    noise_patterns,
+    read_idx,
+)
 from .gram import cross_gram, gram
+from .kfac import KFAC
 from .networks import Params, kaiming_init, p_isotropic_init, preactivations, predict
 from .preconditioners import (
     empirical_power,
@@ -23,6 +33,17 @@ from .preconditioners import (
     matrix_sqrt,
     population_power,
     validate_preconditioner,
+)
+from .optimizers import (
+    OPTIMIZER_NAMES,
+    ClassifierResult,
+    RightPreconditionedSGD,
+    TuneResult,
+    curvature_scale,
+    make_optimizer,
+    nearest_p,
+    train_classifiers,
+    tune_lr,
 )
 from .profiles import book_profile, pick
 from .reference import reference_train
@@ -32,7 +53,11 @@ from .training import TrainConfig, TrainResult, log_spaced_steps, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Case", "GaussianInputs", "Params", "RegressionData", "SingleIndexTeacher",
+    "Case", "ClassifierResult", "GaussianInputs", "KFAC", "OODDigits", "OPTIMIZER_NAMES",
+    "Params", "RegressionData", "RightPreconditionedSGD", "SingleIndexTeacher", "TEST_SETS",
+    "TuneResult", "curvature_scale", "load_digits", "load_mnist", "make_ood_digits",
+    "make_optimizer", "nearest_p", "noise_patterns", "read_idx", "train_classifiers",
+    "tune_lr",
     "TrainConfig", "TrainResult", "book_profile", "case_high", "case_low",
     "cross_gram", "empirical_power", "generator", "gram", "identity", "kaiming_init",
     "log_spaced_steps", "make_regression_data", "matrix_sqrt", "p_isotropic_init",
