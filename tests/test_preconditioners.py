@@ -42,33 +42,17 @@ def test_matrix_sqrt_squares_back():
     torch.testing.assert_close(R @ R, S)
 
 
-@pytest.mark.parametrize("p", [float("nan"), float("inf")])
-def test_non_finite_p_is_refused(p):
-    with pytest.raises(ValueError, match="p must be finite"):
-        sp.population_power(sp.case_high().inputs, p)
 
-
-def test_negative_p_with_singular_covariance_is_refused():
+def test_non_negative_p_of_a_singular_covariance_is_allowed():
     singular = sp.GaussianInputs(torch.tensor([1.0, 0.0]))
-    with pytest.raises(ValueError, match="p=-0.5 < 0 needs a non-singular covariance"):
-        sp.population_power(singular, -0.5)
-    X = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    with pytest.raises(ValueError, match="add damping"):
-        sp.empirical_power(X, -1.0, damping=0.0)
-    assert torch.isfinite(sp.population_power(singular, 0.5)).all()
+    torch.testing.assert_close(sp.population_power(singular, 0.5),
+                               torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64)))
 
-
-def test_non_psd_covariance_is_refused():
-    with pytest.raises(ValueError, match="positive semi-definite: smallest eigenvalue -1"):
-        sp.population_power(torch.diag(torch.tensor([1.0, -1.0])), 0.5)
 
 
 @pytest.mark.parametrize(
     "P, message",
     [
-        (torch.ones(2, 3), r"must be a square matrix, got shape \(2, 3\)"),
-        (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), "must be symmetric"),
-        (torch.tensor([[1.0, 2.0], [2.0, 1.0]]), "must be positive semi-definite"),
         (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), "non-finite"),
     ],
 )

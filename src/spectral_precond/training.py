@@ -126,6 +126,25 @@ def _expand_preconditioner(P: torch.Tensor, G: int, M: int, dx: int) -> torch.Te
             f"P must be ({dx}, {dx}), ({M}, {dx}, {dx}) or ({G}, {M}, {dx}, {dx}), "
             f"got {tuple(P.shape)}"
         )
+    if not torch.isfinite(P).all():
+        raise ValueError("P has non-finite entries")
+    # Check the matrices as given, before broadcasting: one check per distinct matrix.
+    Pd = P.detach().to("cpu", torch.float64).reshape(-1, dx, dx)
+    scale = Pd.abs().amax(dim=(1, 2)).clamp_min(1e-300)
+    asym = (Pd - Pd.transpose(1, 2)).abs().amax(dim=(1, 2))
+    if (asym > 1e-5 * scale).any():
+        i = int((asym / scale).argmax())
+        raise ValueError(
+            f"P must be symmetric: matrix {i} has max |P - P^T| = {asym[i]:.3g} "
+            f"(max |P| = {scale[i]:.3g})"
+        )
+    smallest = torch.linalg.eigvalsh(0.5 * (Pd + Pd.transpose(1, 2)))[:, 0]
+    if (smallest < -1e-5 * scale).any():
+        i = int((smallest / scale).argmin())
+        raise ValueError(
+            f"P must be positive semi-definite: matrix {i} has smallest eigenvalue "
+            f"{smallest[i]:.3g}"
+        )
     try:
         return P.expand(G, M, dx, dx)
     except RuntimeError:
