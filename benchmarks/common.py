@@ -109,6 +109,9 @@ def paper_batch(seeds, ps=PS, snrs=SNRS, cases=("high", "low"), dtype=torch.floa
 
 
 def write(name: str, payload: dict) -> Path:
+    """Write ``payload`` atomically; the load average now shows whether others ran too."""
+    if "machine" in payload:
+        payload["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
