@@ -37,7 +37,7 @@ def small_sweep(**overrides) -> Sweep:
 
 
 def test_a_unit_equals_the_reference_trainer_on_the_same_data():
-    sweep = small_sweep(dtype="float64", keep_params=True)
+    sweep = small_sweep(dtype="float64")
     result = run_sweep(sweep, store=None)
     c, k, i, j = 1, 1, 2, 0          # case low, seed 1, p = 1, snr = 1
     data = sweep.data(c, sweep.seeds[k])
@@ -59,7 +59,7 @@ def test_a_unit_equals_the_reference_trainer_on_the_same_data():
 
 
 def test_models_share_data_and_initialisation_within_a_unit():
-    sweep = small_sweep(keep_params=True, config=sp.TrainConfig(n_steps=1, n_log=2,
+    sweep = small_sweep(config=sp.TrainConfig(n_steps=1, n_log=2,
                                                                  snapshot_steps=(0,)))
     result = run_sweep(sweep, store=None)
     W1 = result.params(0, 0, step=0).W1
@@ -117,8 +117,8 @@ def test_bad_sweeps_are_refused():
         small_sweep(preconditioner="adam")
     with pytest.raises(ValueError, match="dtype must be one of"):
         small_sweep(dtype="float16")
-    with pytest.raises(ValueError, match="did not keep parameters"):
-        run_sweep(small_sweep(seeds=[0], ps=[0.0], snrs=[1.0]), store=None).params(0, 0)
+    with pytest.raises(ValueError, match="was not snapshot"):
+        run_sweep(small_sweep(seeds=[0], ps=[0.0], snrs=[1.0]), store=None).params(0, 0, 7)
 
 
 KILLED_SWEEP = textwrap.dedent("""

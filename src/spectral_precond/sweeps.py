@@ -76,8 +76,6 @@ class Sweep:
         ``P`` from the known covariance, or from the training inputs' covariance
         plus ``damping * I``.
     dtype : "float32" or "float64"
-    keep_params : bool
-        Also return the final parameters (and the snapshots of ``config``).
     activation : callable
         The teacher's activation (softplus(10 z) by default). It enters the cache key
         by its module and name, so give different functions different names.
@@ -98,7 +96,6 @@ class Sweep:
     preconditioner: str = "population"
     damping: float = 1e-3
     dtype: str = "float32"
-    keep_params: bool = False
     activation: Callable = softplus10
     device: str = "cpu"
 
@@ -190,7 +187,7 @@ class Sweep:
                        for k, v in asdict(self.config).items()},
             "init": self.init, "init_scale": self.init_scale,
             "preconditioner": self.preconditioner, "damping": self.damping,
-            "dtype": self.dtype, "keep_params": self.keep_params, "device": self.device,
+            "dtype": self.dtype, "device": self.device,
         }
 
 
@@ -219,16 +216,16 @@ def _run_unit(sweep: Sweep, case: int, seed: int) -> dict:
     def grid(t):
         return t[0].reshape(n_p, n_snr, *t.shape[2:]).cpu()
 
-    out = {
+    # Final parameters are kept (a few MB per sweep) so that later analyses, such as
+    # transfer to a new task, can reuse a stored unit instead of retraining it.
+    return {
         "steps": torch.as_tensor(result.steps),
         "train_loss": grid(result.train_loss),
         "test_loss": grid(result.test_loss),
         "diverged_at": grid(result.diverged_at),
+        "params": [grid(t) for t in result.params.tensors()],
+        "snapshots": {t: [grid(x) for x in p.tensors()] for t, p in result.snapshots.items()},
     }
-    if sweep.keep_params:
-        out["params"] = [grid(t) for t in result.params.tensors()]
-        out["snapshots"] = {t: [grid(x) for x in p.tensors()] for t, p in result.snapshots.items()}
-    return out
 
 
 @dataclass
@@ -251,11 +248,11 @@ class SweepResult:
     def params(self, case: int, seed: int, step: int | None = None) -> Params:
         """Parameters of unit (case index, seed index) as a ``(P, R)`` grid.
 
+        Row ``i`` holds the models of ``ps[i]``, column ``j`` those of ``snrs[j]``: a
+        grid for analysis, not for :func:`train` (whose groups share a data set).
         ``step=None`` gives the final parameters; otherwise a step of
-        ``sweep.config.snapshot_steps``. Needs ``keep_params=True``.
+        ``sweep.config.snapshot_steps``.
         """
-        if not self.sweep.keep_params:
-            raise ValueError("this sweep did not keep parameters; run it with keep_params=True")
         unit = self._units[case * len(self.sweep.seeds) + seed]
         if step is None:
             return Params(*unit["params"])
