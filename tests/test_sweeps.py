@@ -171,3 +171,19 @@ def test_a_sweep_on_a_dask_local_cluster_equals_the_in_process_one(tmp_path):
     assert len(remote.report.computed) == 4
     np.testing.assert_allclose(remote.test_loss, local.test_loss, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(remote.diverged_at, local.diverged_at)
+
+
+def test_the_paper_sweep_follows_the_profile(monkeypatch):
+    from spectral_precond.sweeps import PAPER_PS, paper_sweep
+
+    monkeypatch.setenv("BOOK_PROFILE", "paper")
+    paper = paper_sweep()
+    assert paper.shape == (2, 5, 5, 6)
+    assert (paper.n_samples, paper.n_train, paper.width) == (10_000, 200, 500)
+    assert paper.config.n_steps == 10_000 and paper.config.lr == 1e-2
+    assert [c.name for c in paper.cases] == ["high", "low"] and paper.ps == PAPER_PS
+    monkeypatch.setenv("BOOK_PROFILE", "ci")
+    assert paper_sweep().config.n_steps < paper.config.n_steps
+    assert paper_sweep(seeds=(7,)).seeds == (7,)
+    with pytest.raises(ValueError, match="unknown Sweep field"):
+        paper_sweep(steps=3)

@@ -310,3 +310,38 @@ def run_sweep(
         test_loss=stack("test_loss"), diverged_at=stack("diverged_at"), report=report,
         _units=outs,
     )
+
+
+#: The powers and SNRs of the label-noise experiment (the paper gives no grid).
+PAPER_PS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+PAPER_SNRS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def paper_sweep(**overrides) -> Sweep:
+    """The label-noise experiment's grid, sized by the active profile.
+
+    Case High and Case Low, ``p`` in :data:`PAPER_PS`, the SNRs of
+    :data:`PAPER_SNRS`, the authors' settings (10,000 samples, 200 for training,
+    width 500, 10,000 steps at lr 1e-2, weight decay 1e-6, kaiming x 1e-3) and five
+    seeds under ``BOOK_PROFILE=paper``; small sizes under ``ci``. Chapters that start
+    from the same runs call this with the same ``overrides`` and share stored units.
+    """
+    from .data import case_high, case_low
+    from .profiles import pick
+
+    settings = dict(
+        cases=(case_high(), case_low()),
+        ps=PAPER_PS,
+        snrs=pick(paper=PAPER_SNRS, ci=(0.5, 1.0, 4.0)),
+        seeds=tuple(range(pick(paper=5, ci=2))),
+        n_samples=pick(paper=10_000, ci=2_000),
+        n_train=pick(paper=200, ci=100),
+        width=pick(paper=500, ci=64),
+        config=TrainConfig(n_steps=pick(paper=10_000, ci=400), lr=1e-2, weight_decay=1e-6,
+                           n_log=100),
+    )
+    unknown = set(overrides) - set(Sweep.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown Sweep field(s) {sorted(unknown)}")
+    settings.update(overrides)
+    return Sweep(**settings)
