@@ -132,3 +132,18 @@ def test_no_internal_link_is_broken(site):
                 if fragment not in ids[path]:
                     broken.append(f"{page.relative_to(site)} -> {href} (no such anchor)")
     assert not broken, "broken internal links:\n" + "\n".join(broken[:20])
+
+
+def test_the_scorecard_has_a_row_for_every_chapter(site, server, browser):
+    browser.get(f"{server}/book/scorecard.html")
+    hrefs = browser.execute_script(
+        "return Array.from(document.querySelectorAll('table tbody tr td:first-child a'))"
+        ".map(a => a.getAttribute('href'));")
+    linked = {Path(urlparse(h).path).stem for h in hrefs}
+    assert set(CHAPTERS) <= linked, f"chapters missing from the scorecard: {set(CHAPTERS) - linked}"
+    verdicts = browser.execute_script(
+        "return Array.from(document.querySelectorAll('table tbody tr td:nth-child(4)'))"
+        ".map(td => td.textContent.trim());")
+    assert any(v.endswith("reproduced") or v.endswith("mixed") for v in verdicts), verdicts
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "scorecard.png"))

@@ -87,9 +87,37 @@ def test_verdicts_round_trip_and_are_validated(tmp_path):
 
     v = Verdict("ch3", "exp1-high", "larger p resists noise", "slope -0.2 +- 0.05", "reproduced", "fig-a")
     write_verdicts("ch3", [v], tmp_path)
-    assert read_verdicts(tmp_path) == [v]
+    (back,) = read_verdicts(tmp_path)
+    assert back.profile == "ci" and back == Verdict(**{**v.__dict__, "profile": "ci"})
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="verdict must be one of"):
         Verdict("ch3", "x", "c", "m", "sort of")
     with pytest.raises(ValueError, match="must belong to chapter 'ch4'"):
         write_verdicts("ch4", [v], tmp_path)
+
+
+def test_the_scorecard_lists_every_verdict_and_every_silent_chapter(tmp_path):
+    from spectral_precond.results import Verdict, chapter_pages, scorecard_markdown
+
+    for name, title in [("03_noise.md", "Label noise"), ("05_transfer.md", "Transfer")]:
+        (tmp_path / name).write_text(f"---\nfront: matter\n---\n\n# {title}\n\ntext\n")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "fig-a.png").write_bytes(b"png")
+    pages = chapter_pages(tmp_path)
+    assert {k: v[0] for k, v in pages.items()} == {"ch3": "Label noise", "ch5": "Transfer"}
+    verdicts = [
+        Verdict("ch3", "a", "larger p | resists", "slope -0.2", "reproduced", "fig-a"),
+        Verdict("ch3", "b", "trend reverses", "slope +0.1", "not reproduced"),
+        Verdict("ch3", "c", "early stopping", "gap 0.01", "mixed", profile="ci"),
+    ]
+    text = scorecard_markdown(verdicts, pages, figures=tmp_path / "figures")
+    assert "3 claims checked:** 1 reproduced, 1 not reproduced, 1 mixed" in text
+    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    assert len(rows) == 4 and "no verdict written" in rows[-1] and "Transfer" in rows[-1]
+    assert "larger p \\| resists" in rows[0] and "fig-a.png" in rows[0]
+    assert "not reproduced" in rows[1] and "(ci profile)" in rows[2]
+    with pytest.raises(ValueError, match="missing figure 'nope'"):
+        scorecard_markdown([Verdict("ch3", "d", "c", "m", "mixed", "nope")], pages,
+                           figures=tmp_path / "figures")
+    with pytest.raises(ValueError, match="chapters without a page"):
+        scorecard_markdown([Verdict("ch9", "d", "c", "m", "mixed")], pages)

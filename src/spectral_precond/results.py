@@ -12,8 +12,10 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from .profiles import book_profile
 
 VERDICTS = ("reproduced", "not reproduced", "mixed")
 
@@ -23,7 +25,9 @@ class Verdict:
     """One claim of the paper and what the book measured about it.
 
     ``claim_id`` is short and stable (e.g. ``"exp1-high-larger-p"``); ``figure`` names
-    the figure file (without extension) that shows the measurement, or is empty.
+    the figure file (without extension) that shows the measurement, or is empty;
+    ``profile`` is the ``BOOK_PROFILE`` the measurement ran under (filled in by
+    :func:`write_verdicts`).
     """
 
     chapter: str
@@ -32,6 +36,7 @@ class Verdict:
     measurement: str
     verdict: str
     figure: str = ""
+    profile: str = ""
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -55,7 +60,9 @@ def write_verdicts(chapter: str, verdicts: list[Verdict], folder=None) -> Path:
     folder = Path(folder) if folder is not None else results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"verdicts-{chapter}.json"
-    payload = json.dumps([asdict(v) for v in verdicts], indent=2, sort_keys=True)
+    profile = book_profile()
+    rows = [asdict(replace(v, profile=v.profile or profile)) for v in verdicts]
+    payload = json.dumps(rows, indent=2, sort_keys=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
@@ -74,3 +81,58 @@ def read_verdicts(folder=None) -> list[Verdict]:
     for path in sorted(folder.glob("verdicts-*.json")):
         out += [Verdict(**row) for row in json.loads(path.read_text())]
     return out
+
+
+def chapter_pages(notebooks) -> dict[str, tuple[str, Path]]:
+    """``{"ch4": (title, path)}`` for each ``NN_name.md`` chapter under ``notebooks``."""
+    pages = {}
+    for path in sorted(Path(notebooks).glob("[0-9][0-9]_*.md")):
+        title = next((line[2:].strip() for line in path.read_text().splitlines()
+                      if line.startswith("# ")), path.stem)
+        pages[f"ch{int(path.name[:2])}"] = (title, path)
+    return pages
+
+
+def scorecard_markdown(verdicts: list[Verdict], pages: dict, figures=None) -> str:
+    """The scorecard as MyST Markdown: counts, then one table row per claim.
+
+    ``pages`` maps chapter ids to ``(title, link)`` (:func:`chapter_pages`); a
+    chapter of ``pages`` that wrote no verdict gets a row that says so, and a
+    verdict from a chapter not in ``pages`` is an error. ``figures`` is the folder
+    the figure files are linked from (a verdict naming a figure that does not exist
+    there is an error).
+    """
+    unknown = sorted({v.chapter for v in verdicts} - set(pages))
+    if unknown:
+        raise ValueError(f"verdicts from chapters without a page: {unknown}")
+    counts = {k: sum(v.verdict == k for v in verdicts) for k in VERDICTS}
+    lines = [
+        f"**{len(verdicts)} claims checked:** "
+        + ", ".join(f"{counts[k]} {k}" for k in VERDICTS) + ".",
+        "",
+        "| chapter | claim | measurement | verdict | figure |",
+        "|---|---|---|---|---|",
+    ]
+    marks = {"reproduced": "✅ reproduced", "mixed": "🟡 mixed",
+             "not reproduced": "❌ **not reproduced**"}
+
+    def cell(text: str) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    for chapter, (title, link) in pages.items():
+        rows = [v for v in verdicts if v.chapter == chapter]
+        chapter_link = f"[{cell(title)}]({link})"
+        if not rows:
+            lines.append(f"| {chapter_link} | *no verdict written* | | | |")
+            continue
+        for v in rows:
+            figure = ""
+            if v.figure:
+                if figures is not None and not (Path(figures) / f"{v.figure}.png").exists():
+                    raise ValueError(f"verdict {v.claim_id!r} names a missing figure {v.figure!r}")
+                target = f"{figures}/{v.figure}.png" if figures is not None else v.figure
+                figure = f"[{cell(v.figure)}]({target})"
+            profile = f" ({v.profile} profile)" if v.profile and v.profile != "paper" else ""
+            lines.append(f"| {chapter_link} | {cell(v.claim)} | {cell(v.measurement)}{profile} "
+                         f"| {marks[v.verdict]} | {figure} |")
+    return "\n".join(lines)
