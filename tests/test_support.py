@@ -111,11 +111,15 @@ def test_the_scorecard_lists_every_verdict_and_every_silent_chapter(tmp_path):
         Verdict("ch3", "c", "early stopping", "gap 0.01", "mixed", profile="ci"),
     ]
     text = scorecard_markdown(verdicts, pages, figures=tmp_path / "figures")
-    assert "3 claims checked:** 1 reproduced, 1 not reproduced, 1 mixed" in text
-    rows = [line for line in text.splitlines() if line.startswith("| [")]
-    assert len(rows) == 4 and "no verdict written" in rows[-1] and "Transfer" in rows[-1]
-    assert "larger p \\| resists" in rows[0] and "fig-a.png" in rows[0]
-    assert "not reproduced" in rows[1] and "(ci profile)" in rows[2]
+    assert "3 claims checked:** 1 reproduced, **1** not reproduced, 1 mixed" in text
+    summary = [line for line in text.splitlines() if line.startswith("| [")]
+    assert summary[0].startswith("| [Label noise](") and summary[0].endswith("| 1 | **1** | 1 |")
+    assert "Transfer" in summary[1] and "no verdict written" in summary[1]
+    claims = [line for line in text.splitlines() if line.startswith("| ") and "|---" not in line
+              and not line.startswith(("| [", "| chapter", "| claim"))]
+    assert len(claims) == 3
+    assert "larger p \\| resists" in claims[0] and "fig-a.png" in claims[0]
+    assert "NOT REPRODUCED" in claims[1] and "(ci profile)" in claims[2]
     with pytest.raises(ValueError, match="missing figure 'nope'"):
         scorecard_markdown([Verdict("ch3", "d", "c", "m", "mixed", "nope")], pages,
                            figures=tmp_path / "figures")

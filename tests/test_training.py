@@ -157,3 +157,14 @@ def test_diverged_model_parameters_stop_changing():
     assert torch.equal(short.diverged_at, longer.diverged_at)
     for a, b in zip(short.params.tensors(), longer.params.tensors()):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    X, y, P, params = _batch([-1.0, 0.0, 1.0], seed=3)
+    cfg = sp.TrainConfig(n_steps=30, log_steps=[0, 15, 30])
+    cpu = sp.train(X, y, P, params, cfg)
+    gpu = sp.train(X.cuda(), y.cuda(), P.cuda(), params.to(device="cuda"), cfg)
+    assert gpu.params.W1.device.type == "cuda"
+    torch.testing.assert_close(gpu.train_loss.cpu(), cpu.train_loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gpu.params.W1.cpu(), cpu.params.W1, rtol=1e-9, atol=1e-12)

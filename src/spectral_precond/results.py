@@ -94,37 +94,39 @@ def chapter_pages(notebooks) -> dict[str, tuple[str, Path]]:
 
 
 def scorecard_markdown(verdicts: list[Verdict], pages: dict, figures=None) -> str:
-    """The scorecard as MyST Markdown: counts, then one table row per claim.
+    """The scorecard as MyST Markdown: a summary per chapter, then each chapter's claims.
 
     ``pages`` maps chapter ids to ``(title, link)`` (:func:`chapter_pages`); a
-    chapter of ``pages`` that wrote no verdict gets a row that says so, and a
-    verdict from a chapter not in ``pages`` is an error. ``figures`` is the folder
-    the figure files are linked from (a verdict naming a figure that does not exist
-    there is an error).
+    chapter of ``pages`` that wrote no verdict is listed as such, and a verdict from
+    a chapter not in ``pages`` is an error. ``figures`` is the folder the figure files
+    are linked from (a verdict naming a figure that does not exist there is an error).
     """
     unknown = sorted({v.chapter for v in verdicts} - set(pages))
     if unknown:
         raise ValueError(f"verdicts from chapters without a page: {unknown}")
-    counts = {k: sum(v.verdict == k for v in verdicts) for k in VERDICTS}
-    lines = [
-        f"**{len(verdicts)} claims checked:** "
-        + ", ".join(f"{counts[k]} {k}" for k in VERDICTS) + ".",
-        "",
-        "| chapter | claim | measurement | verdict | figure |",
-        "|---|---|---|---|---|",
-    ]
-    marks = {"reproduced": "✅ reproduced", "mixed": "🟡 mixed",
-             "not reproduced": "❌ **not reproduced**"}
 
     def cell(text: str) -> str:
         return " ".join(str(text).split()).replace("|", "\\|")
 
+    def count(rows, kind):
+        n = sum(v.verdict == kind for v in rows)
+        return f"**{n}**" if kind == "not reproduced" and n else str(n)
+
+    total = ", ".join(f"{count(verdicts, k)} {k}" for k in VERDICTS)
+    lines = [f"**{len(verdicts)} claims checked:** {total}.", "",
+             "| chapter | " + " | ".join(VERDICTS) + " |", "|---" * (len(VERDICTS) + 1) + "|"]
     for chapter, (title, link) in pages.items():
         rows = [v for v in verdicts if v.chapter == chapter]
-        chapter_link = f"[{cell(title)}]({link})"
+        counts = " | ".join(count(rows, k) for k in VERDICTS) if rows else \
+            "*no verdict written* |" + " |" * (len(VERDICTS) - 1)
+        lines.append(f"| [{cell(title)}]({link}) | {counts} |")
+    marks = {"reproduced": "reproduced", "mixed": "mixed", "not reproduced": "**NOT REPRODUCED**"}
+    for chapter, (title, link) in pages.items():
+        rows = [v for v in verdicts if v.chapter == chapter]
         if not rows:
-            lines.append(f"| {chapter_link} | *no verdict written* | | | |")
             continue
+        lines += ["", f"**[{cell(title)}]({link})**", "",
+                  "| claim | measurement | verdict | figure |", "|---|---|---|---|"]
         for v in rows:
             figure = ""
             if v.figure:
@@ -133,6 +135,6 @@ def scorecard_markdown(verdicts: list[Verdict], pages: dict, figures=None) -> st
                 target = f"{figures}/{v.figure}.png" if figures is not None else v.figure
                 figure = f"[{cell(v.figure)}]({target})"
             profile = f" ({v.profile} profile)" if v.profile and v.profile != "paper" else ""
-            lines.append(f"| {chapter_link} | {cell(v.claim)} | {cell(v.measurement)}{profile} "
+            lines.append(f"| {cell(v.claim)} | {cell(v.measurement)}{profile} "
                          f"| {marks[v.verdict]} | {figure} |")
     return "\n".join(lines)

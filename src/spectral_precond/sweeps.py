@@ -298,8 +298,9 @@ def run_sweep(
         for c in range(len(sweep.cases)) for s in sweep.seeds
     ]
     n_models = math.prod(sweep.shape)
-    outs, report = run_units(_run_unit, units, store, executor,
-                             description=f"sweep ({n_models} models)")
+    outs, report = run_units(
+        _run_unit, units, store, executor,
+        description=f"{n_models} models, {n_models // len(units)} per unit")
     C, S, _, _ = sweep.shape
 
     def stack(key):
