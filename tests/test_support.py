@@ -125,3 +125,19 @@ def test_the_scorecard_lists_every_verdict_and_every_silent_chapter(tmp_path):
                            figures=tmp_path / "figures")
     with pytest.raises(ValueError, match="chapters without a page"):
         scorecard_markdown([Verdict("ch9", "d", "c", "m", "mixed")], pages)
+
+
+def test_resources_are_recorded_per_chapter(tmp_path):
+    from spectral_precond.results import read_resources, record_resources
+
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    big = b"x" * int((before + 100) * 2**20)     # written, so resident: a new peak
+    record_resources("ch2", tmp_path)
+    del big
+    (record,) = read_resources(tmp_path)
+    assert record["chapter"] == "ch2" and record["profile"] == "ci"
+    assert record["peak_rss_mib"] >= before + 100
+    with pytest.raises(ValueError, match="chapter may hold only"):
+        record_resources("../x", tmp_path)

@@ -48,6 +48,8 @@ from .optimizers import (
 from .profiles import book_profile, pick
 from .reference import reference_train
 from .seeding import generator
+from .sweeps import PAPER_PS, PAPER_SNRS, Sweep, SweepResult, paper_sweep, run_sweep
+from . import cache, results
 from .training import TrainConfig, TrainResult, log_spaced_steps, train
 
 __version__ = "0.1.0"
@@ -63,4 +65,6 @@ __all__ = [
     "log_spaced_steps", "make_regression_data", "matrix_sqrt", "p_isotropic_init",
     "pick", "population_power", "preactivations", "predict", "reference_train",
     "softplus10", "train", "two_level_case", "validate_preconditioner",
+    "PAPER_PS", "PAPER_SNRS", "Sweep", "SweepResult", "paper_sweep", "run_sweep",
+    "cache", "results",
 ]

@@ -61,17 +61,47 @@ def write_verdicts(chapter: str, verdicts: list[Verdict], folder=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"verdicts-{chapter}.json"
     profile = book_profile()
-    rows = [asdict(replace(v, profile=v.profile or profile)) for v in verdicts]
-    payload = json.dumps(rows, indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    _write_json(path, [asdict(replace(v, profile=v.profile or profile)) for v in verdicts])
+    return path
+
+
+def _write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(payload + "\n")
+            fh.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def record_resources(chapter: str, folder=None) -> Path:
+    """Write the peak memory of this process (a chapter's kernel) for the execution page.
+
+    Call it in a chapter's last cell: ``resources-<chapter>.json`` holds the peak
+    resident memory in MiB and the profile it ran under.
+    """
+    import resource
+    import sys
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", chapter):
+        raise ValueError(f"chapter may hold only letters, digits, '.', '-' and '_', got {chapter!r}")
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    folder = Path(folder) if folder is not None else results_dir()
+    path = folder / f"resources-{chapter}.json"
+    _write_json(path, {"chapter": chapter, "peak_rss_mib": round(peak_mib, 1),
+                       "profile": book_profile()})
     return path
+
+
+def read_resources(folder=None) -> list[dict]:
+    """Every record written by :func:`record_resources`, sorted by chapter."""
+    folder = Path(folder) if folder is not None else results_dir()
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("resources-*.json"))]
 
 
 def read_verdicts(folder=None) -> list[Verdict]:
