@@ -43,6 +43,27 @@ def test_idx_reader_round_trips_images_and_labels(tmp_path, compress):
     assert y.tolist() == labels.tolist()
 
 
+def test_download_mnist_fetches_the_four_files_once(tmp_path):
+    """A local folder served through a file:// address stands in for a mirror."""
+    mirror, target = tmp_path / "mirror", tmp_path / "data"
+    mirror.mkdir()
+    rng = np.random.default_rng(1)
+    sizes = {"train": 6, "t10k": 4}
+    for prefix, n in sizes.items():
+        write_idx(mirror / f"{prefix}-images-idx3-ubyte.gz",
+                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), 0x08, compress=True)
+        write_idx(mirror / f"{prefix}-labels-idx1-ubyte.gz",
+                  rng.integers(0, 10, size=n, dtype=np.uint8), 0x08, compress=True)
+    assert dg.download_mnist(target, mirror.as_uri() + "/") == target
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in mirror.iterdir())
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        X, y = dg.load_mnist(target, split)
+        assert X.shape == (sizes[prefix], 784) and y.shape == (sizes[prefix],)
+    # files already present are kept: a second call needs no mirror at all
+    dg.download_mnist(target, (tmp_path / "nowhere").as_uri())
+    assert dg.load_mnist(target, "test")[0].shape == (4, 784)
+
+
 def test_idx_reader_reads_big_endian_integers(tmp_path):
     values = np.array([[1, -2], [70000, 3]], dtype=np.int32)
     write_idx(tmp_path / "ints", values, 0x0C, compress=False)

@@ -100,3 +100,38 @@ def test_curvature_of_the_classifier_is_the_exact_softmax_fisher():
     H1 = torch.cat([Z[0].clamp_min(0), torch.ones(9, 1, dtype=torch.float64)], 1)
     a, U = opt.param_groups[1]["eig_A"]
     torch.testing.assert_close((U * a) @ U.T, H1.T @ H1 / 9)
+
+
+def test_factors_match_curvlinops_type2_kfac_where_it_is_installed():
+    """An independent implementation: curvlinops' KFAC with the type-2 (exact) Fisher.
+
+    curvlinops is not a dependency (its requirements replace the CPU build of torch);
+    install it with ``pip install --no-deps curvlinops-for-pytorch einops einconv
+    linear_operator`` to run this check.
+    """
+    curvlinops = pytest.importorskip("curvlinops")
+    from torch import nn
+
+    nets = TwoLayerNets([3], dx=6, width=7, n_out=5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(1, 11, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (11,), generator=gen)
+    W1, b1, W2, b2 = nets.params[0]
+    model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5)).double()
+    with torch.no_grad():
+        for layer, (W, b) in zip([model[0], model[2]], [(W1, b1), (W2, b2)]):
+            layer.weight.copy_(W)
+            layer.bias.copy_(b)
+    reference = curvlinops.KFACLinearOperator(
+        model, nn.CrossEntropyLoss(), list(model.parameters()), [(X[0], y)],
+        fisher_type="type-2", separate_weight_and_bias=False, check_deterministic=False)
+    reference.compute_kronecker_factors()
+    opt = KFAC([(W1, b1), (W2, b2)], lr=0.1)
+    with torch.no_grad():
+        Z, out = nets.forward(X)
+    _kfac_curvature([opt], nets, X, Z, out, torch.ones(1, dtype=torch.bool), "cross_entropy")
+    for name, group in zip(["0", "2"], opt.param_groups):
+        a, UA = group["eig_A"]
+        g, UG = group["eig_G"]
+        torch.testing.assert_close((UA * a) @ UA.T, reference._input_covariances[name])
+        torch.testing.assert_close((UG * g) @ UG.T, reference._gradient_covariances[name])

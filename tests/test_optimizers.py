@@ -126,6 +126,7 @@ def test_tune_lr_chooses_on_validation_only(small_task):
     assert res.val_accuracy.shape == (3, 2) and res.accuracy["test"].shape == (3,)
     assert res.accuracy["validation"][0] == res.val_accuracy[1, 0]
     assert np.isnan(res.val_accuracy[2]).all()  # the huge lr diverged, counted as 0
+    assert res.grid_diverged.tolist() == [[False, False], [False, False], [True, True]]
     other = so.tune_lr(X, y, val, "sgd", [1e-4, 0.5, 1e200], [0, 1, 2], eval_sets={"test": (X, y)},
                        n_select=2, **kw)
     assert other.lr == res.lr

@@ -12,9 +12,14 @@ computed without forming the Kronecker product: with ``A = U_A diag(a) U_A^T`` a
 for ``V = [grad_W, grad_b]``. Damping the product exactly (rather than each factor)
 keeps the single knob of the paper's code, ``damping = 1e-3``.
 
-No maintained K-FAC package installs beside the CPU build of torch used here (the
-candidates pull torchvision, hence a CUDA build of torch), so the book carries this
-small one; its tests compare it with the dense formula.
+Why the book carries its own: the maintained PyTorch packages that compute K-FAC
+(curvlinops-for-pytorch 3.0, nngeometry 0.4) provide curvature operators, not an
+optimizer, and a plain ``pip install`` of either replaces the pinned CPU build of
+torch with a newer CUDA build (their dependencies pull torchvision). Installed
+without dependencies they import beside it; using them would still leave the update
+to write, behind an install step that skips dependencies. The tests compare this
+module with the dense Kronecker formula, and its factors with curvlinops' type-2
+K-FAC where curvlinops is installed.
 
 The factors are supplied by the caller (:func:`spectral_precond.optimizers.train_classifiers`
 computes them with the exact Fisher of the softmax output), through

@@ -473,9 +473,10 @@ def _kfac_curvature(optims, nets, X, Z, out, alive, loss: str) -> None:
 class TuneResult:
     """Learning-rate choice of :func:`tune_lr` for one optimizer.
 
-    ``grid: (L,)``; ``val_accuracy: (L, S)`` and ``val_loss: (L, S)`` per lr and seed;
-    ``lr`` the chosen value; ``accuracy[name]: (S,)`` and ``diverged: (S,)`` at it;
-    ``train_loss: (S, n_steps + 1)`` at it.
+    ``grid: (L,)``; ``val_accuracy: (L, S)`` and ``val_loss: (L, S)`` per lr and
+    selection seed (NaN where the run diverged), ``grid_diverged: (L, S)`` which of
+    those runs diverged; ``lr`` the chosen value; ``accuracy[name]: (S,)`` and
+    ``diverged: (S,)`` at it, over every seed; ``train_loss: (S, n_steps + 1)`` at it.
     """
 
     optimizer: str
@@ -488,6 +489,7 @@ class TuneResult:
     train_loss: np.ndarray
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    grid_diverged: np.ndarray | None = None
 
 
 def tune_lr(
@@ -557,7 +559,7 @@ def tune_lr(
         val_accuracy=res.accuracy["validation"].reshape(L, n_select),
         val_loss=res.loss["validation"].reshape(L, n_select), lr=float(grid[best]),
         accuracy=accuracy, diverged=diverged, train_loss=train_loss,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, grid_diverged=res.diverged.reshape(L, n_select),
     )
 
 
