@@ -155,3 +155,31 @@ def test_bad_direction(direction, error, message):
 def test_grids_of_different_shapes_do_not_stack():
     with pytest.raises(ValueError, match="all grids must have one shape"):
         stack_groups([_grid(1, 2, 4, 3), _grid(1, 3, 4, 3)])
+
+
+@pytest.mark.parametrize("dh", [5, 40])
+def test_effective_dof_is_the_trace_of_the_hat_matrix(dh):
+    G, M, N, dx, penalty = 2, 2, 25, 4, 1e-2
+    params = _grid(G, M, dh, dx)
+    X, _ = _task(G, M, N, dx)
+    dof = transfer.effective_dof(params, X, penalty)
+    for g in range(G):
+        for m in range(M):
+            W1, b1 = (t[g, m].double().numpy() for t in (params.W1, params.b1))
+            H = np.maximum(X[g].numpy() @ W1.T + b1, 0.0)
+            Hc = H - H.mean(0)
+            hat = Hc @ np.linalg.solve(Hc.T @ Hc + penalty * N * np.eye(dh), Hc.T)
+            assert abs(dof[g, m].item() - np.trace(hat)) < 1e-8
+    assert (dof > 0).all() and (dof < min(dh, N - 1)).all()
+
+
+def test_effective_dof_needs_a_tensor_of_inputs():
+    with pytest.raises(TypeError, match="X_train must be a torch.Tensor, got list"):
+        transfer.effective_dof(_grid(1, 1, 4, 3), [[0.0, 1.0, 2.0]])
+
+
+def test_non_finite_inputs():
+    X, _ = _task(1, 1, 10, 3)
+    X[0, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match="X_train must be finite"):
+        transfer.effective_dof(_grid(1, 1, 4, 3), X)

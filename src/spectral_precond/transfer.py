@@ -70,18 +70,27 @@ def stack_groups(grids: Sequence[Params]) -> Params:
     ))
 
 
-def _check_task(params: Params, X: torch.Tensor, y: torch.Tensor, what: str):
+def _check_inputs(params: Params, X: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(params, Params):
         raise TypeError(f"params must be Params, got {type(params).__name__}")
-    for name, t in ((f"X_{what}", X), (f"y_{what}", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    G, M = params.grid
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X_{what} must be a torch.Tensor, got {type(X).__name__}")
+    G = params.grid[0]
     if X.ndim != 3 or X.shape[0] != G or X.shape[2] != params.dim:
         raise ValueError(
             f"X_{what} must have shape ({G}, n, {params.dim}) for this grid, got "
             f"{tuple(X.shape)}"
         )
+    if not torch.isfinite(X).all():
+        raise ValueError(f"X_{what} must be finite")
+    return X.to(torch.float64)
+
+
+def _check_task(params: Params, X: torch.Tensor, y: torch.Tensor, what: str):
+    X = _check_inputs(params, X, what)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y_{what} must be a torch.Tensor, got {type(y).__name__}")
+    G, M = params.grid
     n = X.shape[1]
     if y.ndim == 2:
         y = y.unsqueeze(1)
@@ -90,9 +99,26 @@ def _check_task(params: Params, X: torch.Tensor, y: torch.Tensor, what: str):
             f"y_{what} must have shape ({G}, n) or ({G}, 1 or {M}, n) with n = {n}, got "
             f"{tuple(y.shape)}"
         )
-    if not torch.isfinite(X).all() or not torch.isfinite(y).all():
-        raise ValueError(f"X_{what} and y_{what} must be finite")
-    return X.to(torch.float64), y.to(torch.float64).expand(G, M, n)
+    if not torch.isfinite(y).all():
+        raise ValueError(f"y_{what} must be finite")
+    return X, y.to(torch.float64).expand(G, M, n)
+
+
+def _check_penalty(penalty, X: torch.Tensor) -> tuple[float, int]:
+    penalty = finite_real("penalty", penalty)
+    if penalty <= 0:
+        raise ValueError(f"penalty must be > 0, got {penalty}")
+    N = X.shape[1]
+    if N < 2:
+        raise ValueError(f"need at least 2 training samples to centre features, got {N}")
+    return penalty, N
+
+
+def _centred_features(W1: torch.Tensor, b1: torch.Tensor, X: torch.Tensor):
+    """ReLU features of one group, centred over samples: ``(M, dh, N)`` and the mean."""
+    H = torch.relu(W1 @ X.T + b1.unsqueeze(-1))
+    mu = H.mean(-1, keepdim=True)
+    return H - mu, mu
 
 
 def fit_ridge_head(
@@ -127,12 +153,7 @@ def fit_ridge_head(
         ``b2: (G, M)``.
     """
     X, y = _check_task(params, X_train, y_train, "train")
-    penalty = finite_real("penalty", penalty)
-    if penalty <= 0:
-        raise ValueError(f"penalty must be > 0, got {penalty}")
-    N = X.shape[1]
-    if N < 2:
-        raise ValueError(f"need at least 2 training samples to centre features, got {N}")
+    penalty, N = _check_penalty(penalty, X)
     W1, b1 = params.W1.to(torch.float64), params.b1.to(torch.float64)
     G, M = params.grid
     dh = params.width
@@ -140,9 +161,7 @@ def fit_ridge_head(
     W2 = torch.empty(G, M, dh, dtype=torch.float64)
     b2 = torch.empty(G, M, dtype=torch.float64)
     for g in range(G):
-        H = torch.relu(W1[g] @ X[g].T + b1[g].unsqueeze(-1))      # (M, dh, N)
-        mu = H.mean(-1, keepdim=True)
-        Hc = H - mu
+        Hc, mu = _centred_features(W1[g], b1[g], X[g])
         yc = (y[g] - y[g].mean(-1, keepdim=True)).unsqueeze(-1)     # (M, N, 1)
         if N <= dh:
             K = Hc.transpose(1, 2) @ Hc + alpha * torch.eye(N, dtype=torch.float64)
@@ -152,6 +171,29 @@ def fit_ridge_head(
             W2[g] = torch.cholesky_solve(Hc @ yc, torch.linalg.cholesky(A)).squeeze(-1)
         b2[g] = y[g].mean(-1) - (mu.squeeze(-1) * W2[g]).sum(-1)
     return Params(W1.clone(), b1.clone(), W2, b2)
+
+
+def effective_dof(params: Params, X_train: torch.Tensor, penalty: float = 1e-3) -> torch.Tensor:
+    """Effective degrees of freedom of each model's ridge head, ``(G, M)`` float64.
+
+    ``df = trace(Hc (Hc^T Hc + penalty * N * I)^{-1} Hc^T) = sum_k s_k^2 / (s_k^2 +
+    penalty * N)`` over the singular values ``s_k`` of the centred training features
+    ``Hc: (N, dh)``: the number of directions the head can fit, between 0 (the
+    penalty wins everywhere) and ``N - 1`` (centred features span every centred
+    label vector, and the head interpolates). The labels play no part.
+
+    Parameters are those of :func:`fit_ridge_head` without the labels.
+    """
+    X = _check_inputs(params, X_train, "train")
+    penalty, N = _check_penalty(penalty, X)
+    W1, b1 = params.W1.to(torch.float64), params.b1.to(torch.float64)
+    out = torch.empty(params.grid, dtype=torch.float64)
+    for g in range(params.grid[0]):
+        Hc, _ = _centred_features(W1[g], b1[g], X[g])
+        gram = Hc.transpose(1, 2) @ Hc if N <= params.width else Hc @ Hc.transpose(1, 2)
+        ev = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+        out[g] = (ev / (ev + penalty * N)).sum(-1)
+    return out
 
 
 def mse(params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
