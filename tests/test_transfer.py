@@ -16,7 +16,7 @@ def _grid(G, M, dh, dx, seed=0):
     b1 = torch.randn(G, M, dh, generator=gen, dtype=torch.float64)
     W2 = torch.randn(G, M, dh, generator=gen, dtype=torch.float64)
     b2 = torch.randn(G, M, generator=gen, dtype=torch.float64)
-    return sp.Params(W1.float(), b1.float(), W2, b2)
+    return sp.Params(W1, b1, W2, b2)
 
 
 def _task(G, M, n, dx, seed=1):
@@ -43,12 +43,24 @@ def test_head_and_errors_match_sklearn_ridge(dh):
 
             ref = Ridge(alpha=penalty * N, fit_intercept=True, solver="svd")
             ref.fit(features(X[g].numpy()), y[g, m].numpy())
-            np.testing.assert_allclose(head.W2[g, m].numpy(), ref.coef_, rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(head.W2[g, m].numpy(), ref.coef_,
+                                       rtol=1e-7, atol=1e-9)
             assert abs(head.b2[g, m].item() - ref.intercept_) < 1e-8
             pred = ref.predict(features(Xt[g].numpy()))
-            assert abs(errors[g, m].item() - np.mean((pred - yt[g, m].numpy()) ** 2)) < 1e-8
-    torch.testing.assert_close(head.W1, params.W1.double())
-    torch.testing.assert_close(head.b1, params.b1.double())
+            expected = np.mean((pred - yt[g, m].numpy()) ** 2)
+            assert abs(errors[g, m].item() - expected) < 1e-8
+    torch.testing.assert_close(head.W1, params.W1)
+    torch.testing.assert_close(head.b1, params.b1)
+
+
+def test_a_float32_first_layer_is_fitted_in_float64_and_evaluated_in_float32():
+    params = _grid(2, 3, 30, 4)
+    X, y = _task(2, 3, 40, 4)
+    single = sp.Params(params.W1.float(), params.b1.float(), params.W2, params.b2)
+    head = fit_ridge_head(single, X, y)
+    assert head.W1.dtype == torch.float32 and head.W2.dtype == torch.float64
+    exact = sp.Params(head.W1.double(), head.b1.double(), head.W2, head.b2)
+    torch.testing.assert_close(mse(head, X, y), mse(exact, X, y), rtol=1e-5, atol=0)
 
 
 def test_labels_shared_by_a_group_equal_the_same_labels_per_model():
@@ -68,7 +80,7 @@ def test_penalty_shrinks_the_head_to_the_label_mean():
     torch.testing.assert_close(head.b2, y.mean(-1), atol=1e-5, rtol=0)
 
 
-def test_mse_is_the_same_in_chunks_of_one_model(monkeypatch):
+def test_mse_is_the_same_in_chunks_of_one_input(monkeypatch):
     params = _grid(2, 5, 16, 3)
     X, y = _task(2, 5, 50, 3)
     whole = mse(params, X, y)
@@ -83,7 +95,8 @@ def test_transfer_case_keeps_the_inputs_and_moves_the_teacher():
     target = transfer_case(source, 9)
     assert target.inputs is source.inputs
     assert target.name == "high-to-e10"
-    torch.testing.assert_close(target.coefficients, torch.eye(10, dtype=torch.float64)[9])
+    e10 = torch.eye(10, dtype=torch.float64)[9]
+    torch.testing.assert_close(target.coefficients, e10)
     beta = target.teacher(sp.generator(0)).beta
     assert beta[:9].abs().max() == 0 and beta[9] != 0
 
@@ -113,13 +126,15 @@ def test_bad_penalty(penalty, error, message):
 
 def test_inputs_of_the_wrong_dimension():
     X, y = _task(1, 1, 10, 4)
-    with pytest.raises(ValueError, match=r"X_train must have shape \(1, n, 3\) for this grid"):
+    message = r"X_train must have shape \(1, n, 3\) for this grid"
+    with pytest.raises(ValueError, match=message):
         fit_ridge_head(_grid(1, 1, 4, 3), X, y)
 
 
 def test_labels_of_the_wrong_length():
     X, _ = _task(1, 1, 10, 3)
-    with pytest.raises(ValueError, match=r"y_eval must have shape \(1, n\) or \(1, 1 or 2, n\)"):
+    message = r"y must have shape \(1, n\) or \(1, 1 or 2, n\)"
+    with pytest.raises(ValueError, match=message):
         mse(_grid(1, 2, 4, 3), X, torch.zeros(1, 2, 9))
 
 
