@@ -24,8 +24,32 @@ def test_keys_change_with_any_part_of_the_configuration():
 
 def test_keys_include_the_library_fingerprint(monkeypatch):
     key = cache.config_key({"a": 1})
-    monkeypatch.setattr(cache, "library_fingerprint", lambda: "0.1.0+changed")
+    monkeypatch.setattr(cache, "library_fingerprint", lambda module=None: "0.1.0+changed")
     assert cache.config_key({"a": 1}) != key
+
+
+def test_a_result_depends_on_its_module_and_what_it_imports_only(tmp_path, monkeypatch):
+    closure = cache.module_closure("sweeps")
+    assert {"sweeps", "training", "data", "networks", "preconditioners"} <= set(closure)
+    assert "plotting" not in closure and "results" not in closure
+    # Copy the package, then edit one file at a time: only edits inside the closure
+    # change the key of a sweep unit.
+    for path in cache._SOURCE.glob("*.py"):
+        (tmp_path / path.name).write_text(path.read_text())
+    monkeypatch.setattr(cache, "_SOURCE", tmp_path)
+
+    def key():
+        cache.library_fingerprint.cache_clear()
+        return cache.config_key({"a": 1}, "spectral_precond.sweeps")
+
+    base = key()
+    (tmp_path / "plotting.py").write_text("# edited\n" + (tmp_path / "plotting.py").read_text())
+    assert key() == base
+    (tmp_path / "training.py").write_text("# edited\n" + (tmp_path / "training.py").read_text())
+    assert key() != base
+    cache.library_fingerprint.cache_clear()
+    with pytest.raises(ValueError, match="not a module"):
+        cache.module_closure("nope")
 
 
 def test_run_units_reuses_finished_units_and_leaves_no_temporary_file(tmp_path):

@@ -7,7 +7,9 @@ library's fingerprint (its version and the hash of its source files), so that
 
 - rebuilding the book reuses every finished unit;
 - a sweep killed halfway resumes without recomputing finished units;
-- a changed configuration, or changed library code, never reads a stale result.
+- a changed configuration, or changed library code, never reads a stale result
+  (the key hashes the module that computes the result and every module of the
+  package it imports, plus the library and torch versions).
 
 Files are written to a temporary name in the same folder and renamed into place, so
 a reader never sees a half-written result. Units run on any
@@ -17,6 +19,7 @@ cluster's (``distributed.Client(...).get_executor()``); see :func:`dask_executor
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -34,16 +37,49 @@ import torch
 _SOURCE = Path(__file__).resolve().parent
 
 
-@lru_cache(maxsize=1)
-def library_fingerprint() -> str:
-    """The library version and a hash of its source files."""
+def _package_imports(name: str) -> set[str]:
+    """Modules of this package that module ``name`` imports (anywhere in its text)."""
+    tree = ast.parse((_SOURCE / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return {m for m in found if (_SOURCE / f"{m}.py").exists()}
+
+
+def module_closure(name: str) -> list[str]:
+    """``name`` and every module of this package it imports, directly or not."""
+    if not (_SOURCE / f"{name}.py").exists():
+        raise ValueError(f"{name!r} is not a module of {_SOURCE.name}")
+    seen, todo = set(), [name]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += sorted(_package_imports(m) - seen)
+    return sorted(seen)
+
+
+@lru_cache(maxsize=None)
+def library_fingerprint(module: str | None = None) -> str:
+    """The library and torch versions and a hash of the source that decides a result.
+
+    With ``module`` (e.g. ``"spectral_precond.sweeps"``) only that module and the
+    package modules it imports are hashed, so that editing, say, the plotting code
+    does not discard stored training runs; without it, every source file.
+    """
     from . import __version__
 
+    names = (module_closure(module.rsplit(".", 1)[-1]) if module
+             else sorted(p.stem for p in _SOURCE.glob("*.py")))
     digest = hashlib.sha256()
-    for path in sorted(_SOURCE.glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:16]}"
+    for name in names:
+        digest.update(name.encode())
+        digest.update((_SOURCE / f"{name}.py").read_bytes())
+    return f"{__version__}+torch{torch.__version__}+{digest.hexdigest()[:16]}"
 
 
 def _canonical(value: Any):
@@ -64,11 +100,15 @@ def _canonical(value: Any):
     raise TypeError(f"cannot describe {value!r} ({type(value).__name__}) in a cache key")
 
 
-def config_key(config: dict) -> str:
-    """Hash of ``config`` (JSON-able values, tensors and dtypes allowed) and the library."""
+def config_key(config: dict, module: str | None = None) -> str:
+    """Hash of ``config`` (JSON-able values, tensors and dtypes allowed) and the library.
+
+    ``module`` names the module whose code produces the result (see
+    :func:`library_fingerprint`); all of the library's source counts without it.
+    """
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    text = json.dumps({"config": _canonical(config), "library": library_fingerprint()},
+    text = json.dumps({"config": _canonical(config), "library": library_fingerprint(module)},
                       sort_keys=True, allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -142,7 +182,9 @@ def run_units(
     """
     from tqdm.std import tqdm
 
-    keys = [config_key(config) for config, _ in units]
+    # Results of a function of this package depend on its module and what it imports.
+    module = fn.__module__ if fn.__module__.startswith(__package__ + ".") else None
+    keys = [config_key(config, module) for config, _ in units]
     results: list = [None] * len(units)
     reused, todo = [], []
     for i, key in enumerate(keys):
