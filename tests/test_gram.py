@@ -41,7 +41,8 @@ def test_spectrum_law_is_exact_for_the_uncentred_empirical_covariance():
     for p in [-1.0, -0.5, 0.0, 0.5, 1.0, 1.7]:
         P = sp.empirical_power(X, p, damping=0.0, center=False)
         eig = torch.linalg.eigvalsh(sp.gram(X, P)).flip(0)[: len(s)]
-        torch.testing.assert_close(eig, gram_spectrum_law(s, p, 40), rtol=1e-9, atol=0.0)
+        law = gram_spectrum_law(s, p, 40)
+        torch.testing.assert_close(eig, law, rtol=1e-9, atol=0.0)
         # The remaining N - dx eigenvalues are zero.
         rest = torch.linalg.eigvalsh(sp.gram(X, P)).flip(0)[len(s):]
         assert rest.abs().max() < 1e-9 * eig.max()
@@ -61,7 +62,8 @@ def test_spectrum_law_is_approximate_for_the_population_power():
 
 
 def test_gradient_direction_matches_steins_lemma_by_monte_carlo():
-    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=sp.generator(5), dtype=torch.float64))
+    A = torch.randn(4, 4, generator=sp.generator(5), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(A)
     inputs = sp.GaussianInputs(torch.tensor([4.0, 1.0, 0.5, 0.25]), Q)
     beta = torch.tensor([0.3, -0.2, 0.5, 0.4], dtype=torch.float64)
     X = inputs.sample(200_000, sp.generator(6))
@@ -84,11 +86,13 @@ def test_empirical_direction_is_the_head_weighted_gradient_of_a_linear_layer():
     X = torch.randn(30, 3, generator=sp.generator(7), dtype=torch.float64)
     y = torch.randn(30, generator=sp.generator(8), dtype=torch.float64)
     a = torch.randn(5, generator=sp.generator(9), dtype=torch.float64)
-    P = sp.population_power(torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)), 0.5)
+    Sigma = torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64))
+    P = sp.population_power(Sigma, 0.5)
     W = torch.zeros(5, 3, dtype=torch.float64, requires_grad=True)
     loss = ((X @ W.T @ a - y) ** 2).mean()
     (grad,) = torch.autograd.grad(loss, W)
-    torch.testing.assert_close(a @ (grad @ P), -2 * a.square().sum() * empirical_gradient_direction(X, y, P))
+    want = -2 * a.square().sum() * empirical_gradient_direction(X, y, P)
+    torch.testing.assert_close(a @ (grad @ P), want)
 
 
 def test_alignment_law_matches_monte_carlo_over_training_sets():
@@ -116,15 +120,19 @@ def test_alignment_law_matches_monte_carlo_over_training_sets():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: gram_spectrum_law(torch.tensor([1.0, 0.0]), 1.0, 10), "singular values"),
-    (lambda: gram_spectrum_law(torch.tensor([1.0]), float("nan"), 10), "p must be finite"),
+    (lambda: gram_spectrum_law(torch.tensor([1.0]), float("nan"), 10),
+     "p must be finite"),
     (lambda: gram_spectrum_law(torch.tensor([1.0]), 1.0, 0), "n must be >= 1"),
     (lambda: gradient_direction(torch.eye(3), torch.ones(2), 0.5), "beta has length 2"),
     (lambda: gradient_direction(torch.eye(3), torch.ones(3, 1), 0.5), "beta must be"),
-    (lambda: empirical_gradient_direction(torch.ones(4, 2), torch.ones(3), torch.eye(2)),
+    (lambda: empirical_gradient_direction(torch.ones(4, 2), torch.ones(3),
+                                          torch.eye(2)),
      "3 labels for 4 rows"),
-    (lambda: empirical_gradient_direction(torch.ones(4, 2), torch.ones(4), torch.eye(3)),
+    (lambda: empirical_gradient_direction(torch.ones(4, 2), torch.ones(4),
+                                          torch.eye(3)),
      r"P must be \(2, 2\)"),
-    (lambda: gradient_alignment_law(torch.eye(2), torch.ones(2), 0.0, 5, torch.zeros(2)),
+    (lambda: gradient_alignment_law(torch.eye(2), torch.ones(2), 0.0, 5,
+                                    torch.zeros(2)),
      "direction must be non-zero"),
     (lambda: gradient_alignment_law(torch.eye(2), torch.ones(3), 0.0, 5, torch.ones(3)),
      "share one dimension"),

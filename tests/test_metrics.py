@@ -5,17 +5,23 @@ import pytest
 import torch
 
 import spectral_precond as sp
-from spectral_precond.metrics import eigendirection_energy, input_gradients, input_sensitivity
+from spectral_precond.metrics import (
+    eigendirection_energy,
+    input_gradients,
+    input_sensitivity,
+)
 
 
 def _grid(G=2, M=3, dh=7, dx=4, seed=0):
     gen = sp.generator(seed, "metrics-test")
     shapes = [(G, M, dh, dx), (G, M, dh), (G, M, dh), (G, M)]
-    return sp.Params(*(torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes))
+    return sp.Params(*(torch.randn(*s, generator=gen, dtype=torch.float64)
+                       for s in shapes))
 
 
 def _rotation(dx, seed=1):
-    Q, _ = torch.linalg.qr(torch.randn(dx, dx, generator=sp.generator(seed), dtype=torch.float64))
+    A = torch.randn(dx, dx, generator=sp.generator(seed), dtype=torch.float64)
+    Q, _ = torch.linalg.qr(A)
     return Q
 
 
@@ -45,7 +51,8 @@ def test_input_sensitivity_is_mean_squared_directional_derivative():
             f = torch.relu(x @ W1.T + b1) @ W2 + b2
             (J,) = torch.autograd.grad(f.sum(), x)
             for i in range(4):
-                want = torch.mean(torch.stack([(J[n] @ U[:, i]) ** 2 for n in range(13)]))
+                terms = [(J[n] @ U[:, i]) ** 2 for n in range(13)]
+                want = torch.mean(torch.stack(terms))
                 torch.testing.assert_close(got[g, m, i], want)
 
 
@@ -67,7 +74,8 @@ def test_energy_sums_over_hidden_units_and_directions():
     D = params.W1 - ref.W1
     for g in range(2):
         for m in range(3):
-            want = [sum(float(D[g, m, j] @ U[:, i]) ** 2 for j in range(7)) for i in range(4)]
+            want = [sum(float(D[g, m, j] @ U[:, i]) ** 2 for j in range(7))
+                    for i in range(4)]
             np.testing.assert_allclose(E[g, m].numpy(), want, rtol=1e-12)
     # An orthonormal basis splits the squared Frobenius norm.
     torch.testing.assert_close(E.sum(-1), D.square().sum((-1, -2)))
@@ -87,9 +95,12 @@ def test_chunking_does_not_change_the_result(monkeypatch):
 @pytest.mark.parametrize("call, message", [
     (lambda p: eigendirection_energy(p, torch.eye(3)), "eigenvectors must be"),
     (lambda p: eigendirection_energy(p, np.eye(4)), "must be a torch.Tensor"),
-    (lambda p: eigendirection_energy(p, torch.eye(4), reference=_grid(M=2)), "reference W1"),
-    (lambda p: input_sensitivity(p, torch.zeros(3, 5, 4), torch.eye(4)), "X must have shape"),
-    (lambda p: input_sensitivity(p.W1, torch.zeros(2, 5, 4), torch.eye(4)), "params must be"),
+    (lambda p: eigendirection_energy(p, torch.eye(4), reference=_grid(M=2)),
+     "reference W1"),
+    (lambda p: input_sensitivity(p, torch.zeros(3, 5, 4), torch.eye(4)),
+     "X must have shape"),
+    (lambda p: input_sensitivity(p.W1, torch.zeros(2, 5, 4), torch.eye(4)),
+     "params must be"),
 ])
 def test_bad_input_is_named(call, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -30,7 +30,7 @@ def cross_gram(X_train: torch.Tensor, P: torch.Tensor, X_test: torch.Tensor) -> 
 
 
 def gram_spectrum_law(s: torch.Tensor, p: float, n: int) -> torch.Tensor:
-    """Non-zero eigenvalues of ``G_P`` for ``P = C^p``, from the singular values of ``X``.
+    """Non-zero eigenvalues of ``G_P`` for ``P = C^p``, from the singular values of X.
 
     With the thin SVD ``X = U diag(s) V^T`` of ``X: (n, dx)`` and the uncentred
     empirical covariance ``C = X^T X / n = V diag(s^2 / n) V^T``, ``P = C^p`` shares
@@ -69,11 +69,15 @@ def gradient_direction(covariance, beta: torch.Tensor, p: float) -> torch.Tensor
     beta = _vector("beta", beta)
     S = population_power(covariance, finite_real("p", p) + 1.0)
     if S.shape[0] != beta.numel():
-        raise ValueError(f"beta has length {beta.numel()}, the covariance is {tuple(S.shape)}")
+        raise ValueError(
+            f"beta has length {beta.numel()}, the covariance is {tuple(S.shape)}"
+        )
     return S @ beta
 
 
-def empirical_gradient_direction(X: torch.Tensor, y: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+def empirical_gradient_direction(
+    X: torch.Tensor, y: torch.Tensor, P: torch.Tensor
+) -> torch.Tensor:
     """``P X^T y / N``: the sample version of :func:`gradient_direction`, ``(dx,)``.
 
     At a small initialisation the network's outputs are close to zero, so the
@@ -83,20 +87,27 @@ def empirical_gradient_direction(X: torch.Tensor, y: torch.Tensor, P: torch.Tens
     ``-P X^T y``. ``X: (N, dx)``, ``y: (N,)``, ``P: (dx, dx)``.
     """
     if not isinstance(X, torch.Tensor) or X.ndim != 2:
-        raise ValueError(f"X must be a 2-D tensor (N, dx), got {getattr(X, 'shape', X)!r}")
+        raise ValueError(
+            f"X must be a 2-D tensor (N, dx), got {getattr(X, 'shape', X)!r}"
+        )
     y = _vector("y", y)
     if y.numel() != X.shape[0]:
         raise ValueError(f"y has {y.numel()} labels for {X.shape[0]} rows of X")
     P = torch.as_tensor(P, dtype=torch.float64)
     if P.shape != (X.shape[1], X.shape[1]):
-        raise ValueError(f"P must be ({X.shape[1]}, {X.shape[1]}), got {tuple(P.shape)}")
+        dx = X.shape[1]
+        raise ValueError(f"P must be ({dx}, {dx}), got {tuple(P.shape)}")
     return P @ (X.to(torch.float64).T @ y) / X.shape[0]
 
 
 def gradient_alignment_law(
-    covariance, cross_covariance: torch.Tensor, p: float, n: int, direction: torch.Tensor
+    covariance,
+    cross_covariance: torch.Tensor,
+    p: float,
+    n: int,
+    direction: torch.Tensor,
 ) -> torch.Tensor:
-    """Predicted ``|cos|`` between ``Sigma^p X^T y / n`` and ``direction`` for ``n`` samples.
+    """Predicted ``|cos|`` of ``Sigma^p X^T y / n`` with ``direction``, ``n`` samples.
 
     The sample cross-covariance ``c = X^T y / n`` has mean ``mu = E[y x]`` and, for
     standardised labels (``E[y^2] = 1``) whose square is uncorrelated with ``x x^T``,
@@ -139,5 +150,7 @@ def gradient_alignment_law(
 def _vector(name: str, v) -> torch.Tensor:
     v = torch.as_tensor(v, dtype=torch.float64)
     if v.ndim != 1 or not torch.isfinite(v).all():
-        raise ValueError(f"{name} must be a finite 1-D tensor, got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be a finite 1-D tensor, got shape {tuple(v.shape)}"
+        )
     return v

@@ -25,7 +25,9 @@ MASK_CHUNK_BYTES = 16 << 20
 
 def _check_eigenvectors(eigenvectors: torch.Tensor, dx: int) -> torch.Tensor:
     if not isinstance(eigenvectors, torch.Tensor):
-        raise TypeError(f"eigenvectors must be a torch.Tensor, got {type(eigenvectors).__name__}")
+        raise TypeError(
+            f"eigenvectors must be a torch.Tensor, got {type(eigenvectors).__name__}"
+        )
     if eigenvectors.ndim != 2 or eigenvectors.shape[0] != dx:
         raise ValueError(
             f"eigenvectors must be ({dx}, k) with one direction per column, got "
@@ -60,7 +62,9 @@ def eigendirection_energy(
     W1 = params.W1
     if reference is not None:
         if not isinstance(reference, Params):
-            raise TypeError(f"reference must be Params or None, got {type(reference).__name__}")
+            raise TypeError(
+                f"reference must be Params or None, got {type(reference).__name__}"
+            )
         if reference.W1.shape != W1.shape:
             raise ValueError(
                 f"reference W1 has shape {tuple(reference.W1.shape)}, params W1 has "
@@ -85,7 +89,9 @@ def input_gradients(params: Params, X: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def input_sensitivity(params: Params, X: torch.Tensor, eigenvectors: torch.Tensor) -> torch.Tensor:
+def input_sensitivity(
+    params: Params, X: torch.Tensor, eigenvectors: torch.Tensor
+) -> torch.Tensor:
     """Mean squared input derivative along each direction, ``(G, M, k)``.
 
     Parameters
@@ -121,7 +127,8 @@ def _check_inputs(params: Params, X: torch.Tensor) -> torch.Tensor:
     G = params.grid[0]
     if X.ndim != 3 or X.shape[0] != G or X.shape[2] != params.dim:
         raise ValueError(
-            f"X must have shape ({G}, n, {params.dim}) for this grid, got {tuple(X.shape)}"
+            f"X must have shape ({G}, n, {params.dim}) for this grid, got "
+            f"{tuple(X.shape)}"
         )
     return X.to(params.W1)
 
@@ -133,8 +140,10 @@ def _model_chunks(M: int, dh: int, n: int):
         yield m0, min(M, m0 + step)
 
 
-def _group_gradients(params: Params, g: int, m0: int, m1: int, X: torch.Tensor) -> torch.Tensor:
-    """``df/dx`` for models ``m0:m1`` of group ``g`` at ``X: (n, dx)``: ``(c, n, dx)``."""
+def _group_gradients(
+    params: Params, g: int, m0: int, m1: int, X: torch.Tensor
+) -> torch.Tensor:
+    """``df/dx`` of models ``m0:m1`` of group ``g`` at ``X: (n, dx)``: (c, n, dx)."""
     W1, b1, W2 = params.W1[g, m0:m1], params.b1[g, m0:m1], params.W2[g, m0:m1]
     Z = W1 @ X.T + b1.unsqueeze(-1)                     # (c, dh, n)
     # Row n of the result is (W2 * 1[z_n > 0]) @ W1.
