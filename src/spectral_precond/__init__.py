@@ -24,7 +24,15 @@ from .digits import (
     noise_patterns,
     read_idx,
 )
-from .gram import cross_gram, gram
+from .gram import (
+    cross_gram,
+    empirical_gradient_direction,
+    gradient_alignment_law,
+    gradient_direction,
+    gram,
+    gram_spectrum_law,
+)
+from .metrics import eigendirection_energy, input_gradients, input_sensitivity
 from .kfac import KFAC
 from .networks import Params, kaiming_init, p_isotropic_init, preactivations, predict
 from .preconditioners import (
@@ -49,7 +57,8 @@ from .profiles import book_profile, pick
 from .reference import reference_train
 from .seeding import generator
 from .sweeps import PAPER_PS, PAPER_SNRS, Sweep, SweepResult, paper_sweep, run_sweep
-from . import cache, results
+from .transfer import effective_dof, fit_ridge_head, stack_groups, transfer_case
+from . import cache, metrics, results, transfer
 from .training import TrainConfig, TrainResult, log_spaced_steps, train
 
 __version__ = "0.1.0"
@@ -66,5 +75,8 @@ __all__ = [
     "pick", "population_power", "preactivations", "predict", "reference_train",
     "softplus10", "train", "two_level_case", "validate_preconditioner",
     "PAPER_PS", "PAPER_SNRS", "Sweep", "SweepResult", "paper_sweep", "run_sweep",
-    "cache", "results",
+    "cache", "results", "metrics", "transfer",
+    "empirical_gradient_direction", "gradient_alignment_law", "gradient_direction",
+    "gram_spectrum_law", "eigendirection_energy", "input_gradients", "input_sensitivity",
+    "effective_dof", "fit_ridge_head", "stack_groups", "transfer_case",
 ]
