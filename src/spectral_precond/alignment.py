@@ -50,11 +50,13 @@ def _eigenvalues(eigenvalues) -> torch.Tensor:
     return lam
 
 
-def power_law_spectrum(dx: int = 10, alpha: float = 2.0, top: float = 10.0) -> torch.Tensor:
+def power_law_spectrum(
+    dx: int = 10, alpha: float = 2.0, top: float = 10.0
+) -> torch.Tensor:
     """Eigenvalues ``top * i^{-alpha}`` for ``i = 1 .. dx``, float64, decreasing.
 
-    With the defaults (``dx = 10``, ``alpha = 2``, ``top = 10``) they run from 10 down to
-    0.1, the two levels of the paper's Case High and Case Low.
+    With the defaults (``dx = 10``, ``alpha = 2``, ``top = 10``) they run from 10
+    down to 0.1, the two levels of the paper's Case High and Case Low.
     """
     positive_int("dx", dx, minimum=2)
     alpha, top = finite_real("alpha", alpha), finite_real("top", top)
@@ -66,7 +68,7 @@ def power_law_spectrum(dx: int = 10, alpha: float = 2.0, top: float = 10.0) -> t
 
 
 def aligned_coefficients(eigenvalues, a: float) -> torch.Tensor:
-    """Teacher coordinates ``beta_i = c lambda_i^a`` with ``sum_i lambda_i beta_i^2 = 1``.
+    """Teacher coordinates ``beta_i = c lambda_i^a``, ``sum_i lambda_i beta_i^2 = 1``.
 
     Parameters
     ----------
@@ -87,13 +89,13 @@ def aligned_coefficients(eigenvalues, a: float) -> torch.Tensor:
 
 
 def variance_shares(eigenvalues, coefficients) -> torch.Tensor:
-    """Share of the projection's variance on each direction, ``lambda_i beta_i^2 / sum``."""
+    """The projection's variance share per direction, ``lambda_i beta_i^2 / sum``."""
     lam = _eigenvalues(eigenvalues)
     beta = torch.as_tensor(coefficients, dtype=torch.float64)
     if beta.shape != lam.shape:
         raise ValueError(
-            f"coefficients must have shape {tuple(lam.shape)} like the eigenvalues, got "
-            f"{tuple(beta.shape)}"
+            f"coefficients must have shape {tuple(lam.shape)} like the eigenvalues, "
+            f"got {tuple(beta.shape)}"
         )
     s = lam * beta.square()
     if not torch.isfinite(s).all() or s.sum() <= 0:
@@ -101,8 +103,12 @@ def variance_shares(eigenvalues, coefficients) -> torch.Tensor:
     return s / s.sum()
 
 
-def alignment_case(eigenvalues, a: float, eigenvectors: torch.Tensor | None = None,
-                   name: str | None = None) -> Case:
+def alignment_case(
+    eigenvalues,
+    a: float,
+    eigenvectors: torch.Tensor | None = None,
+    name: str | None = None,
+) -> Case:
     """A :class:`~spectral_precond.data.Case` whose teacher is aligned by ``a``.
 
     The coefficients are :func:`aligned_coefficients` (unit projection variance);
@@ -129,7 +135,7 @@ def linear_r2(data: RegressionData) -> np.ndarray:
         raise TypeError(f"data must be a RegressionData, got {type(data).__name__}")
     X = data.X_test.to(torch.float64)
     X1 = torch.cat([X, torch.ones(X.shape[0], 1, dtype=torch.float64)], dim=1)
-    Y = data.y_test.to(torch.float64).reshape(-1, X.shape[0]).T           # (n, R)
+    Y = data.y_test.to(torch.float64).reshape(-1, X.shape[0]).T  # (n, R)
     coef = torch.linalg.lstsq(X1, Y).solution
     resid = Y - X1 @ coef
     r2 = 1.0 - resid.var(0) / Y.var(0)
@@ -137,7 +143,9 @@ def linear_r2(data: RegressionData) -> np.ndarray:
 
 
 def filter_risk(eigenvalues, shares, ps, times, n_train: int, r2: float) -> np.ndarray:
-    """Expected excess test error of the early-stopped linear model, ``(len(ps), len(times))``.
+    """Expected excess test error of the early-stopped linear model, ``(P, T)``.
+
+    ``P = len(ps)`` and ``T = len(times)``.
 
     ``R(p, t) = sum_i (1 - phi_i)^2 r2 s_i + phi_i^2 (1 - r2) / n_train`` with
     ``phi_i = 1 - exp(-t lambda_i^{p+1})`` (see the module docstring).
@@ -154,20 +162,30 @@ def filter_risk(eigenvalues, shares, ps, times, n_train: int, r2: float) -> np.n
     s = np.asarray(shares, dtype=float)
     if s.shape != lam.shape or not np.isfinite(s).all() or (s < 0).any():
         raise ValueError(
-            f"shares must be {lam.shape[0]} finite values >= 0, got {np.asarray(shares).tolist()}"
+            f"shares must be {lam.shape[0]} finite values >= 0, got "
+            f"{np.asarray(shares).tolist()}"
         )
     ps = np.asarray(ps, dtype=float)
     times = np.asarray(times, dtype=float)
     if ps.ndim != 1 or not np.isfinite(ps).all() or ps.size == 0:
-        raise ValueError(f"ps must be a non-empty 1-D grid of finite values, got {ps.tolist()}")
-    if times.ndim != 1 or times.size == 0 or not (np.isfinite(times).all() and (times > 0).all()):
-        raise ValueError(f"times must be a non-empty 1-D grid of positive values, got {times.tolist()}")
+        raise ValueError(
+            f"ps must be a non-empty 1-D grid of finite values, got {ps.tolist()}"
+        )
+    if (
+        times.ndim != 1
+        or times.size == 0
+        or not (np.isfinite(times).all() and (times > 0).all())
+    ):
+        raise ValueError(
+            f"times must be a non-empty 1-D grid of positive values, got "
+            f"{times.tolist()}"
+        )
     positive_int("n_train", n_train)
     r2 = finite_real("r2", r2)
     if not 0 < r2 < 1:
         raise ValueError(f"r2 must lie in (0, 1), got {r2}")
-    rates = lam[None, :] ** (ps[:, None] + 1.0)                       # (P, dx)
-    phi = -np.expm1(-times[None, :, None] * rates[:, None, :])        # (P, T, dx)
+    rates = lam[None, :] ** (ps[:, None] + 1.0)  # (P, dx)
+    phi = -np.expm1(-times[None, :, None] * rates[:, None, :])  # (P, T, dx)
     return ((1 - phi) ** 2 * (r2 * s) + phi**2 * (1 - r2) / n_train).sum(-1)
 
 
@@ -176,9 +194,14 @@ THEORY_PS = np.linspace(-3.0, 3.0, 301)
 THEORY_TIMES = np.geomspace(1e-4, 1e7, 441)
 
 
-def theory_best_p(eigenvalues, coefficients, n_train: int, r2: float,
-                  ps: Sequence[float] = THEORY_PS,
-                  times: Sequence[float] = THEORY_TIMES) -> tuple[float, np.ndarray]:
+def theory_best_p(
+    eigenvalues,
+    coefficients,
+    n_train: int,
+    r2: float,
+    ps: Sequence[float] = THEORY_PS,
+    times: Sequence[float] = THEORY_TIMES,
+) -> tuple[float, np.ndarray]:
     """The ``p`` of ``ps`` with the lowest oracle-stopped risk, and that risk per ``p``.
 
     Returns ``(p_star, risk)`` with ``risk[k] = min_t R(ps[k], t)`` over ``times``.
@@ -193,7 +216,7 @@ def theory_best_p(eigenvalues, coefficients, n_train: int, r2: float,
 
 
 def best_p_on_grid(ps: Sequence[float], values: np.ndarray) -> np.ndarray:
-    """Minimiser of ``values`` over ``p``, refined by a parabola through the lowest point.
+    """Minimiser of ``values`` over ``p``, refined by a parabola through the lowest one.
 
     ``values: (..., len(ps))``; the last axis follows ``ps`` (increasing). The vertex of
     the parabola through the grid minimum and its two neighbours is returned, kept
@@ -203,9 +226,13 @@ def best_p_on_grid(ps: Sequence[float], values: np.ndarray) -> np.ndarray:
     ps = np.asarray(ps, dtype=float)
     v = np.asarray(values, dtype=float)
     if ps.ndim != 1 or ps.size < 3 or np.any(np.diff(ps) <= 0):
-        raise ValueError(f"ps must be at least three increasing values, got {ps.tolist()}")
+        raise ValueError(
+            f"ps must be at least three increasing values, got {ps.tolist()}"
+        )
     if v.shape[-1] != ps.size:
-        raise ValueError(f"values must end with an axis of {ps.size}, got shape {v.shape}")
+        raise ValueError(
+            f"values must end with an axis of {ps.size}, got shape {v.shape}"
+        )
     v = np.where(np.isnan(v), np.inf, v)
     flat = v.reshape(-1, ps.size)
     out = np.empty(flat.shape[0])
@@ -221,10 +248,12 @@ def best_p_on_grid(ps: Sequence[float], values: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation of two equally long sequences (average ranks for ties)."""
+    """Spearman rank correlation of two equally long sequences (ties: average ranks)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise ValueError(f"x and y must be 1-D of one length >= 2, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"x and y must be 1-D of one length >= 2, got {x.shape} and {y.shape}"
+        )
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("x and y must be finite")
 

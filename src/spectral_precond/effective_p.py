@@ -1,4 +1,4 @@
-"""The effective ``p`` of an optimizer, read from the features its first layer forms first.
+"""The effective ``p`` of an optimizer, read from the first features its network forms.
 
 Exact first-layer preconditioning with ``P = Sigma^p`` moves the first layer by
 ``-lr * G @ P``. Along an eigendirection ``u_i`` of the input covariance
@@ -36,14 +36,21 @@ from ._checks import finite_real, positive_int
 from .data import GaussianInputs
 from .metrics import eigendirection_energy
 from .networks import Params, preactivations, predict
-from .optimizers import OPTIMIZER_NAMES, ClassifierResult, TwoLayerNets, train_classifiers
+from .optimizers import (
+    OPTIMIZER_NAMES,
+    ClassifierResult,
+    TwoLayerNets,
+    train_classifiers,
+)
 
 #: Optimizers adapted in this module, on top of :data:`OPTIMIZER_NAMES`.
 EXTRA_OPTIMIZERS = ("soap", "muon")
 
 
-def first_layer_gradient(params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``dL/dW1`` of ``L = mean_n (f(x_n) - y_n)^2`` for every model, ``(G, M, dh, dx)``.
+def first_layer_gradient(
+    params: Params, X: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """``dL/dW1`` of ``L = mean_n (f(x_n) - y_n)^2`` for each model, ``(G, M, dh, dx)``.
 
     Parameters
     ----------
@@ -57,23 +64,32 @@ def first_layer_gradient(params: Params, X: torch.Tensor, y: torch.Tensor) -> to
     if not isinstance(params, Params):
         raise TypeError(f"params must be Params, got {type(params).__name__}")
     G, M = params.grid
-    if not isinstance(X, torch.Tensor) or X.ndim != 3 or X.shape[0] != G or X.shape[2] != params.dim:
+    if (
+        not isinstance(X, torch.Tensor)
+        or X.ndim != 3
+        or X.shape[0] != G
+        or X.shape[2] != params.dim
+    ):
         raise ValueError(
-            f"X must have shape ({G}, N, {params.dim}), got {tuple(getattr(X, 'shape', ()))}"
+            f"X must have shape ({G}, N, {params.dim}), got "
+            f"{tuple(getattr(X, 'shape', ()))}"
         )
     N = X.shape[1]
     if not isinstance(y, torch.Tensor) or y.shape != (G, M, N):
-        raise ValueError(f"y must have shape {(G, M, N)}, got {tuple(getattr(y, 'shape', ()))}")
+        raise ValueError(
+            f"y must have shape {(G, M, N)}, got {tuple(getattr(y, 'shape', ()))}"
+        )
     X = X.to(params.W1)
-    d = 2.0 * (predict(params, X) - y.to(params.W1)) / N               # (G, M, N)
-    gate = (preactivations(params, X) > 0).to(params.W1)               # (G, M, dh, N)
+    d = 2.0 * (predict(params, X) - y.to(params.W1)) / N  # (G, M, N)
+    gate = (preactivations(params, X) > 0).to(params.W1)  # (G, M, dh, N)
     weighted = gate * d.unsqueeze(-2) * params.W2.unsqueeze(-1)
     return weighted @ X.unsqueeze(1)
 
 
-def p_from_energies(energy: torch.Tensor, reference: torch.Tensor,
-                    eigenvalues) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half the slope of ``log(energy / reference)`` on ``log eigenvalues``, and the misfit.
+def p_from_energies(
+    energy: torch.Tensor, reference: torch.Tensor, eigenvalues
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the slope of ``log(energy / reference)`` on ``log eigenvalues``; the misfit.
 
     Parameters
     ----------
@@ -86,13 +102,15 @@ def p_from_energies(energy: torch.Tensor, reference: torch.Tensor,
     -------
     p_hat, misfit : (...,) tensors
         ``p_hat`` is ``slope / 2``; ``misfit`` is half the root-mean-square residual of
-        the straight line, in the same units as ``p_hat`` per unit of
-        ``log lambda`` (0 for an exact power law). Both are NaN where ``energy`` is 0
-        along some direction (the first layer has not moved there).
+        the straight line, in units of log energy (0 for an exact power law). Both are
+        NaN where ``energy`` is 0 along some direction (the first layer has not moved
+        there).
     """
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
     if lam.ndim != 1 or not torch.isfinite(lam).all() or (lam <= 0).any():
-        raise ValueError(f"eigenvalues must be a 1-D tensor of positive values, got {lam.tolist()}")
+        raise ValueError(
+            f"eigenvalues must be a 1-D tensor of positive values, got {lam.tolist()}"
+        )
     x = lam.log()
     if (x - x.mean()).abs().max() < 1e-12:
         raise ValueError("eigenvalues must not all be equal: the slope is undefined")
@@ -100,10 +118,14 @@ def p_from_energies(energy: torch.Tensor, reference: torch.Tensor,
     R = torch.as_tensor(reference, dtype=torch.float64)
     if E.shape != R.shape or E.shape[-1] != lam.numel():
         raise ValueError(
-            f"energy {tuple(E.shape)} and reference {tuple(R.shape)} must share a shape "
-            f"ending in {lam.numel()} directions"
+            f"energy {tuple(E.shape)} and reference {tuple(R.shape)} must share a "
+            f"shape ending in {lam.numel()} directions"
         )
-    if not (torch.isfinite(E).all() and torch.isfinite(R).all()) or (E < 0).any() or (R <= 0).any():
+    if (
+        not (torch.isfinite(E).all() and torch.isfinite(R).all())
+        or (E < 0).any()
+        or (R <= 0).any()
+    ):
         raise ValueError("energy must be finite and >= 0, reference finite and > 0")
     z = (E / R).log()
     xc = x - x.mean()
@@ -117,24 +139,34 @@ def p_from_energies(energy: torch.Tensor, reference: torch.Tensor,
     return torch.where(still, nan, slope / 2), torch.where(still, nan, rms / 2)
 
 
-def reference_energy(init: Params, X: torch.Tensor, y: torch.Tensor,
-                     eigenvectors: torch.Tensor) -> torch.Tensor:
-    """``||G_0 u_i||^2``: the initial gradient's energy along each direction, ``(G, M, k)``.
+def reference_energy(
+    init: Params, X: torch.Tensor, y: torch.Tensor, eigenvectors: torch.Tensor
+) -> torch.Tensor:
+    """``||G_0 u_i||^2``, the initial gradient's energy along each direction: (G, M, k).
 
     ``G_0`` is :func:`first_layer_gradient` at ``init`` on ``(X: (G, N, dx),
     y: (G, M, N))``; ``eigenvectors: (dx, k)`` holds the directions ``u_i`` as columns.
     """
     G0 = first_layer_gradient(init, X, y)
-    if not isinstance(eigenvectors, torch.Tensor) or eigenvectors.ndim != 2 \
-            or eigenvectors.shape[0] != init.dim:
+    if (
+        not isinstance(eigenvectors, torch.Tensor)
+        or eigenvectors.ndim != 2
+        or eigenvectors.shape[0] != init.dim
+    ):
         raise ValueError(
-            f"eigenvectors must be ({init.dim}, k), got {tuple(getattr(eigenvectors, 'shape', ()))}"
+            f"eigenvectors must be ({init.dim}, k), got "
+            f"{tuple(getattr(eigenvectors, 'shape', ()))}"
         )
     return (G0 @ eigenvectors.to(G0)).square().sum(-2)
 
 
-def effective_p(params: Params, init: Params, X: torch.Tensor, y: torch.Tensor,
-                inputs: GaussianInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def effective_p(
+    params: Params,
+    init: Params,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    inputs: GaussianInputs,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Effective ``p`` and power-law misfit of every model of a grid, each ``(G, M)``.
 
     ``E_i = ||(W1 - W1_init) u_i||^2`` (the energy gained along eigendirection
@@ -148,7 +180,9 @@ def effective_p(params: Params, init: Params, X: torch.Tensor, y: torch.Tensor,
     return p_from_energies(energy, reference_energy(init, X, y, U), inputs.eigenvalues)
 
 
-def plateau_step(train_loss: np.ndarray, ladder: Sequence[int], tol: float = 0.01) -> int:
+def plateau_step(
+    train_loss: np.ndarray, ladder: Sequence[int], tol: float = 0.01
+) -> int:
     """The last step of ``ladder`` up to which every model's loss stays near its start.
 
     ``train_loss: (K, T + 1)`` holds the loss before each step (column 0: at
@@ -158,16 +192,22 @@ def plateau_step(train_loss: np.ndarray, ladder: Sequence[int], tol: float = 0.0
     """
     L = np.asarray(train_loss, dtype=float)
     if L.ndim != 2 or L.shape[1] < 2:
-        raise ValueError(f"train_loss must be (K, T + 1) with T >= 1, got shape {L.shape}")
+        raise ValueError(
+            f"train_loss must be (K, T + 1) with T >= 1, got shape {L.shape}"
+        )
     steps = np.unique(np.asarray(ladder))
     if steps.size == 0 or not np.issubdtype(steps.dtype, np.integer):
-        raise ValueError(f"ladder must be a non-empty list of ints, got {list(ladder)!r}")
+        raise ValueError(
+            f"ladder must be a non-empty list of ints, got {list(ladder)!r}"
+        )
     if steps.min() < 1 or steps.max() >= L.shape[1]:
-        raise ValueError(f"ladder steps must lie in [1, {L.shape[1] - 1}], got {steps.tolist()}")
+        raise ValueError(
+            f"ladder steps must lie in [1, {L.shape[1] - 1}], got {steps.tolist()}"
+        )
     tol = finite_real("tol", tol)
     if tol <= 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    inside = np.abs(L - L[:, :1]) <= tol * np.abs(L[:, :1])           # NaN counts as outside
+    inside = np.abs(L - L[:, :1]) <= tol * np.abs(L[:, :1])  # NaN counts as outside
     inside = np.logical_and.accumulate(inside.all(0))
     good = [int(t) for t in steps if inside[t]]
     return good[-1] if good else int(steps[0])
@@ -183,8 +223,15 @@ def small_init(seeds: Sequence[int], dx: int, width: int, scale: float = 1e-3) -
     from .networks import kaiming_init
 
     params = kaiming_init(np.asarray([list(seeds)]), dx, width, scale)
-    return [[params.W1[0, k], params.b1[0, k], params.W2[0, k][None, :], params.b2[0, k][None]]
-            for k in range(len(seeds))]
+    return [
+        [
+            params.W1[0, k],
+            params.b1[0, k],
+            params.W2[0, k][None, :],
+            params.b2[0, k][None],
+        ]
+        for k in range(len(seeds))
+    ]
 
 
 def as_params(nets: TwoLayerNets) -> Params:
@@ -195,12 +242,18 @@ def as_params(nets: TwoLayerNets) -> Params:
     if not isinstance(nets, TwoLayerNets):
         raise TypeError(f"nets must be TwoLayerNets, got {type(nets).__name__}")
     if nets.params[0][2].shape[0] != 1:
-        raise ValueError(f"networks must have one output, got {nets.params[0][2].shape[0]}")
+        raise ValueError(
+            f"networks must have one output, got {nets.params[0][2].shape[0]}"
+        )
     parts = [torch.stack([m[i].detach() for m in nets.params]) for i in range(4)]
-    return Params(parts[0][:, None], parts[1][:, None], parts[2][:, :1], parts[3][:, :1])
+    return Params(
+        parts[0][:, None], parts[1][:, None], parts[2][:, :1], parts[3][:, :1]
+    )
 
 
-def make_soap(params: Sequence[torch.Tensor], lr: float, **options) -> torch.optim.Optimizer:
+def make_soap(
+    params: Sequence[torch.Tensor], lr: float, **options
+) -> torch.optim.Optimizer:
     """pytorch-optimizer's SOAP for ``[W1, b1, W2, b2]``, without weight decay.
 
     SOAP runs Adam in the eigenbasis of Shampoo's Kronecker factors of each matrix
@@ -215,8 +268,9 @@ def make_soap(params: Sequence[torch.Tensor], lr: float, **options) -> torch.opt
     return po.SOAP(list(params), lr=lr, **options)
 
 
-def make_muon(params: Sequence[torch.Tensor], lr: float, adamw_lr: float | None = None,
-              **options) -> torch.optim.Optimizer:
+def make_muon(
+    params: Sequence[torch.Tensor], lr: float, adamw_lr: float | None = None, **options
+) -> torch.optim.Optimizer:
     """pytorch-optimizer's Muon on ``W1``, its AdamW fallback on ``b1``, ``W2``, ``b2``.
 
     Muon is meant for hidden weight matrices; in the two-layer network the first layer
@@ -232,8 +286,10 @@ def make_muon(params: Sequence[torch.Tensor], lr: float, adamw_lr: float | None 
     W1, *rest = list(params)
     if W1.ndim != 2 or len(rest) != 3:
         raise ValueError("params must be [W1, b1, W2, b2] with W1 a matrix")
-    groups = [{"params": [W1], "use_muon": True, "lr": lr, "weight_decay": 0.0},
-              {"params": rest, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0}]
+    groups = [
+        {"params": [W1], "use_muon": True, "lr": lr, "weight_decay": 0.0},
+        {"params": rest, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0},
+    ]
     return po.Muon(groups, lr=lr, adamw_lr=adamw_lr, **options)
 
 
@@ -286,14 +342,28 @@ def train_with_optimizer(
     K = len(init)
     lrs = [_positive_lr(v) for v in lrs]
     if K == 0 or len(lrs) != K:
-        raise ValueError(f"need one lr per model: {len(lrs)} lrs for {K} initialisations")
+        raise ValueError(
+            f"need one lr per model: {len(lrs)} lrs for {K} initialisations"
+        )
     positive_int("n_steps", n_steps)
-    if not isinstance(X_train, torch.Tensor) or X_train.ndim != 3 or X_train.shape[0] != K:
-        raise ValueError(f"X_train must be (K={K}, N, dx), got {tuple(getattr(X_train, 'shape', ()))}")
+    if (
+        not isinstance(X_train, torch.Tensor)
+        or X_train.ndim != 3
+        or X_train.shape[0] != K
+    ):
+        raise ValueError(
+            f"X_train must be (K={K}, N, dx), got "
+            f"{tuple(getattr(X_train, 'shape', ()))}"
+        )
     if not isinstance(y_train, torch.Tensor) or y_train.shape != X_train.shape[:2]:
-        raise ValueError(f"y_train must be {tuple(X_train.shape[:2])}, got {tuple(getattr(y_train, 'shape', ()))}")
+        raise ValueError(
+            f"y_train must be {tuple(X_train.shape[:2])}, got "
+            f"{tuple(getattr(y_train, 'shape', ()))}"
+        )
     X, y = X_train.to(dtype), y_train.to(dtype)
-    nets = TwoLayerNets(range(K), X.shape[2], init[0][0].shape[0], 1, dtype=dtype, init=init)
+    nets = TwoLayerNets(
+        range(K), X.shape[2], init[0][0].shape[0], 1, dtype=dtype, init=init
+    )
     optims = [build(m, lr) for m, lr in zip(nets.params, lrs)]
     alive = torch.ones(K, dtype=torch.bool)
     history = np.full((K, n_steps + 1), np.nan)
@@ -303,7 +373,9 @@ def train_with_optimizer(
         return ((out.squeeze(-1) - y) ** 2).mean(1)
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="pytorch_optimizer")
+        warnings.filterwarnings(
+            "ignore", category=UserWarning, module="pytorch_optimizer"
+        )
         for t in range(n_steps + 1):
             per = losses()
             bad = ~torch.isfinite(per.detach()) & alive
@@ -314,7 +386,9 @@ def train_with_optimizer(
                             p.zero_()
                 alive &= ~bad
                 per = losses()
-            history[:, t] = np.where(alive.numpy(), per.detach().double().numpy(), np.nan)
+            history[:, t] = np.where(
+                alive.numpy(), per.detach().double().numpy(), np.nan
+            )
             if t == n_steps:
                 break
             for m in nets.params:
@@ -333,15 +407,22 @@ def train_with_optimizer(
             _, out = nets.forward(Xe.to(dtype))
             mse = ((out.squeeze(-1) - ye.to(dtype)) ** 2).mean(1).double().numpy()
             final[name] = np.where(alive.numpy(), mse, np.nan)
-    return ClassifierResult(train_loss=history, accuracy={}, loss=final,
-                            diverged=(~alive).numpy(), nets=nets, lrs=np.array(lrs),
-                            seeds=np.arange(K))
+    return ClassifierResult(
+        train_loss=history,
+        accuracy={},
+        loss=final,
+        diverged=(~alive).numpy(),
+        nets=nets,
+        lrs=np.array(lrs),
+        seeds=np.arange(K),
+    )
 
 
 def _check_name(name: str) -> None:
     if name not in OPTIMIZER_NAMES + EXTRA_OPTIMIZERS:
         raise ValueError(
-            f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZER_NAMES + EXTRA_OPTIMIZERS)}"
+            f"unknown optimizer {name!r}; allowed: "
+            f"{', '.join(OPTIMIZER_NAMES + EXTRA_OPTIMIZERS)}"
         )
 
 
@@ -369,13 +450,32 @@ def train_regressors(
     K = len(init)
     if name in OPTIMIZER_NAMES:
         seeds = list(range(K)) if seeds is None else list(seeds)
-        return train_classifiers(X_train, y_train, name, list(lrs), seeds, n_steps=n_steps,
-                                 width=init[0][0].shape[0], options=options,
-                                 eval_sets=eval_sets, loss="mse", dtype=dtype, init=init)
+        return train_classifiers(
+            X_train,
+            y_train,
+            name,
+            list(lrs),
+            seeds,
+            n_steps=n_steps,
+            width=init[0][0].shape[0],
+            options=options,
+            eval_sets=eval_sets,
+            loss="mse",
+            dtype=dtype,
+            init=init,
+        )
     opts = dict(options or {})
     maker = _BUILDERS[name]
-    return train_with_optimizer(X_train, y_train, lambda m, lr: maker(m, lr, **opts), lrs,
-                                init, n_steps, eval_sets, dtype)
+    return train_with_optimizer(
+        X_train,
+        y_train,
+        lambda m, lr: maker(m, lr, **opts),
+        lrs,
+        init,
+        n_steps,
+        eval_sets,
+        dtype,
+    )
 
 
 @dataclass
@@ -417,25 +517,61 @@ def measure_effective_p(
     """
     if not ladder:
         raise ValueError("ladder must hold at least one step")
-    full = train_regressors(name, X_train, y_train, lrs, init, int(max(ladder)),
-                            options=options, seeds=seeds, dtype=dtype)
+    full = train_regressors(
+        name,
+        X_train,
+        y_train,
+        lrs,
+        init,
+        int(max(ladder)),
+        options=options,
+        seeds=seeds,
+        dtype=dtype,
+    )
     step = plateau_step(full.train_loss, ladder, tol)
-    early = train_regressors(name, X_train, y_train, lrs, init, step, options=options,
-                             seeds=seeds, dtype=dtype)
-    replay = np.allclose(early.train_loss, full.train_loss[:, : step + 1], rtol=1e-5,
-                         atol=1e-7, equal_nan=True)
+    early = train_regressors(
+        name,
+        X_train,
+        y_train,
+        lrs,
+        init,
+        step,
+        options=options,
+        seeds=seeds,
+        dtype=dtype,
+    )
+    replay = np.allclose(
+        early.train_loss,
+        full.train_loss[:, : step + 1],
+        rtol=1e-5,
+        atol=1e-7,
+        equal_nan=True,
+    )
     if not replay:
         raise RuntimeError(f"optimizer {name!r} did not repeat its first {step} steps")
     # The start as the networks saw it, in the training dtype: a float64 copy would
     # count the rounding of the initial weights as movement.
-    start = as_params(TwoLayerNets(range(len(init)), X_train.shape[2], init[0][0].shape[0], 1,
-                                   dtype=dtype, init=init)).to(torch.float64)
+    start = as_params(
+        TwoLayerNets(
+            range(len(init)),
+            X_train.shape[2],
+            init[0][0].shape[0],
+            1,
+            dtype=dtype,
+            init=init,
+        )
+    ).to(torch.float64)
     learned = as_params(early.nets).to(torch.float64)
     X = X_train.to(torch.float64)
     y = y_train.to(torch.float64).unsqueeze(1)
     p, misfit = effective_p(learned, start, X, y, inputs)
-    return Measurement(p=p[:, 0].numpy(), misfit=misfit[:, 0].numpy(), step=step,
-                       train_loss=full.train_loss, diverged=full.diverged)
+    return Measurement(
+        p=p[:, 0].numpy(),
+        misfit=misfit[:, 0].numpy(),
+        step=step,
+        train_loss=full.train_loss,
+        diverged=full.diverged,
+    )
 
 
 def select_config(val_mse: np.ndarray) -> tuple[int, np.ndarray]:
@@ -447,7 +583,10 @@ def select_config(val_mse: np.ndarray) -> tuple[int, np.ndarray]:
     """
     mse = np.asarray(val_mse, dtype=float)
     if mse.ndim != 2 or mse.size == 0:
-        raise ValueError(f"val_mse must be a non-empty (configurations, seeds) array, got {mse.shape}")
+        raise ValueError(
+            f"val_mse must be a non-empty (configurations, seeds) array, got "
+            f"{mse.shape}"
+        )
     mean = np.where(np.isnan(mse), np.inf, mse).mean(1)
     if not np.isfinite(mean).any():
         raise ValueError("every configuration diverged on some seed")
@@ -456,7 +595,19 @@ def select_config(val_mse: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 __all__ = [
-    "EXTRA_OPTIMIZERS", "as_params", "effective_p", "first_layer_gradient", "make_muon",
-    "make_soap", "Measurement", "measure_effective_p", "p_from_energies", "plateau_step", "reference_energy",
-    "select_config", "small_init", "train_regressors", "train_with_optimizer",
+    "EXTRA_OPTIMIZERS",
+    "as_params",
+    "effective_p",
+    "first_layer_gradient",
+    "make_muon",
+    "make_soap",
+    "Measurement",
+    "measure_effective_p",
+    "p_from_energies",
+    "plateau_step",
+    "reference_energy",
+    "select_config",
+    "small_init",
+    "train_regressors",
+    "train_with_optimizer",
 ]
