@@ -3,14 +3,19 @@
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
 import spectral_precond as sp
+from spectral_precond.adahessian import train_adahessian
 from spectral_precond.noise import (
+    adahessian_runs,
     continue_runs,
     count_verdict,
     ordering_verdict,
     period_two,
+    preconditioned_sharpness,
     spearman,
+    sweep_sharpness,
 )
 from spectral_precond.sweeps import Sweep, run_sweep
 
@@ -28,7 +33,7 @@ def test_continuing_a_run_is_the_same_as_running_longer():
     short = run_sweep(_sweep(30), store=None)
     long = run_sweep(_sweep(50, log_steps=[30, 35, 50]), store=None)
     cont = continue_runs(short, 20, log_steps=[0, 5, 20], cases=["low"], seeds=[1],
-                         ps=[1.0, -1.0], snrs=[2.0])
+                         ps=[1.0, -1.0], snrs=[2.0], store=None)
     assert cont.steps.tolist() == [30, 35, 50]
     assert cont.cases == ("low",) and cont.seeds == (1,) and cont.ps == (1.0, -1.0)
     ref_train = long.train_loss[1, 1][[2, 0]][:, [1]]          # case low, seed 1, p, snr
@@ -42,11 +47,28 @@ def test_continuing_a_run_is_the_same_as_running_longer():
 def test_continued_runs_refuse_unknown_selections():
     short = run_sweep(_sweep(5), store=None)
     with pytest.raises(ValueError, match=r"p 0.5 is not in the sweep; available: \[-1.0, 0.0, 1.0\]"):
-        continue_runs(short, 3, ps=[0.5])
+        continue_runs(short, 3, ps=[0.5], store=None)
     with pytest.raises(ValueError, match="case 'mid' is not in the sweep"):
-        continue_runs(short, 3, cases=["mid"])
+        continue_runs(short, 3, cases=["mid"], store=None)
     with pytest.raises(TypeError, match="result must be a SweepResult"):
         continue_runs("runs", 3)
+
+
+def test_adahessian_runs_start_where_the_sweep_starts_and_use_power_minus_p():
+    sweep = _sweep(10, log_steps=[0, 10])
+    exact = run_sweep(sweep, store=None)
+    config = sp.TrainConfig(n_steps=6, lr=0.01, weight_decay=1e-3, log_steps=[0, 6])
+    ada = adahessian_runs(sweep, config, store=None)
+    assert ada.train_loss.shape == exact.train_loss.shape
+    assert np.allclose(ada.train_loss[..., 0], exact.train_loss[..., 0], rtol=1e-12)
+    assert np.allclose(ada.test_loss[..., 0], exact.test_loss[..., 0], rtol=1e-12)
+    one = adahessian_runs(sweep, config, cases=["low"], seeds=[1], ps=[1.0], snrs=[0.5],
+                          store=None)
+    data = sweep.data(1, 1)
+    init = sp.kaiming_init([[1]], 10, sweep.width, sweep.init_scale)
+    direct = train_adahessian(data.X_train[None], data.y_train[None, :1], init, -1.0, config,
+                              data.X_test[None], data.y_test[None, :1], seed=1)
+    assert np.allclose(one.train_loss[0, 0, 0, 0], direct.train_loss[0, 0].numpy(), rtol=1e-12)
 
 
 def test_period_two_detector_tells_a_cycle_from_a_trend_and_from_noise():
@@ -99,3 +121,44 @@ def test_count_verdict():
     assert count_verdict(2, 10, n_needed=2) == "reproduced"
     with pytest.raises(ValueError, match="n_holding must lie in"):
         count_verdict(4, 3)
+
+
+def test_preconditioned_sharpness_is_the_top_eigenvalue_of_the_dense_matrix():
+    """Against the dense Hessian from autograd, in the metric of P on W1."""
+    gen = torch.Generator().manual_seed(3)
+    dh, dx, N, wd = 4, 3, 9, 0.2
+    X = torch.randn(1, N, dx, generator=gen, dtype=torch.float64)
+    y = torch.randn(1, 2, N, generator=gen, dtype=torch.float64)
+    params = sp.Params(*(torch.randn(1, 2, *s, generator=gen, dtype=torch.float64)
+                         for s in [(dh, dx), (dh,), (dh,), ()]))
+    A = torch.randn(2, dx, dx, generator=gen, dtype=torch.float64)
+    P = (A @ A.transpose(1, 2) / dx + 0.1 * torch.eye(dx, dtype=torch.float64))[None]
+    ours = preconditioned_sharpness(params, X, y, P, wd, n_iter=300)
+    for m in range(2):
+        shapes = [t.shape[2:] for t in params.tensors()]
+        sizes = [int(np.prod(s)) for s in shapes]
+
+        def loss(flat):
+            W1, b1, W2, b2 = (t.reshape(s) for t, s in zip(flat.split(sizes), shapes))
+            f = torch.relu(X[0] @ W1.T + b1) @ W2 + b2
+            return ((f - y[0, m]) ** 2).mean() + 0.5 * wd / N * (
+                W1.pow(2).sum() + W2.pow(2).sum())
+
+        flat = torch.cat([t[0, m].reshape(-1) for t in params.tensors()])
+        H = torch.autograd.functional.hessian(loss, flat)
+        w, V = torch.linalg.eigh(P[0, m])
+        root = V @ torch.diag(w.sqrt()) @ V.T
+        D = torch.block_diag(torch.kron(torch.eye(dh, dtype=torch.float64), root),
+                             torch.eye(sum(sizes[1:]), dtype=torch.float64))
+        eig = torch.linalg.eigvalsh(D @ H @ D)
+        top = eig[eig.abs().argmax()]
+        assert ours[0, m].item() == pytest.approx(top.item(), rel=1e-6)
+
+
+def test_sweep_sharpness_shape_and_gradient_descent_below_the_edge():
+    """Runs that converge smoothly sit below the stability edge lr * sharpness = 2."""
+    res = run_sweep(_sweep(30), store=None)
+    lam = sweep_sharpness(res, n_iter=50)
+    assert lam.shape == res.sweep.shape
+    assert np.isfinite(lam).all()
+    assert (res.sweep.config.lr * lam < 2.0).all()

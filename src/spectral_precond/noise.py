@@ -13,30 +13,33 @@ and a verdict word with a rule fixed in advance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from ._checks import finite_real, positive_int
-from .networks import Params
-from .sweeps import SweepResult
-from .training import train
+from .adahessian import gradient_and_hvp, train_adahessian
+from .cache import Store, default_store, run_units
+from .networks import Params, kaiming_init
+from .seeding import generator
+from .sweeps import Sweep, SweepResult
+from .training import TrainConfig, train
 
 VERDICT_WORDS = ("reproduced", "mixed", "not reproduced")
 
 
 @dataclass
-class ContinuedRuns:
-    """Losses of stored runs trained further, indexed ``[case, seed, p, snr, step]``.
+class RunGrid:
+    """Losses of a selection of the label-noise runs, indexed ``[case, seed, p, snr, step]``.
 
-    ``steps: (L,)`` are absolute (counted from the start of the original runs);
-    ``cases``, ``seeds``, ``ps``, ``snrs`` list the values selected; ``train_loss``
-    and ``test_loss`` have shape ``(C, S, P, R, L)``; a model that diverged, in the
-    original run or in the continuation, has NaN losses. ``params`` holds the final
-    parameters as a ``(C * S, P * R)`` grid (units in (case, seed) order, models in
-    (p, snr) order).
+    ``steps: (L,)`` are absolute (a continuation counts from the start of the
+    original runs); ``cases``, ``seeds``, ``ps``, ``snrs`` list the values selected;
+    ``train_loss`` and ``test_loss`` have shape ``(C, S, P, R, L)``; ``diverged:
+    (C, S, P, R)`` marks the models that diverged (their losses are NaN).
+    ``params`` holds the final parameters as a ``(C * S, P * R)`` grid (units in
+    (case, seed) order, models in (p, snr) order).
     """
 
     steps: np.ndarray
@@ -46,6 +49,7 @@ class ContinuedRuns:
     snrs: tuple[float, ...]
     train_loss: np.ndarray
     test_loss: np.ndarray
+    diverged: np.ndarray
     params: Params
 
 
@@ -61,6 +65,76 @@ def _select(name: str, available: Sequence, wanted) -> list[int]:
     return index
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """Indices into a sweep's cases, seeds, powers and SNRs."""
+
+    sweep: Sweep
+    ci: tuple[int, ...]
+    si: tuple[int, ...]
+    pi: tuple[int, ...]
+    ri: tuple[int, ...]
+
+    @classmethod
+    def make(cls, sweep, cases, seeds, ps, snrs):
+        return cls(
+            sweep,
+            tuple(_select("case", [c.name for c in sweep.cases], cases)),
+            tuple(_select("seed", sweep.seeds, seeds)),
+            tuple(_select("p", sweep.ps, None if ps is None else [float(p) for p in ps])),
+            tuple(_select("snr", sweep.snrs, None if snrs is None else [float(s) for s in snrs])),
+        )
+
+    @property
+    def shape(self):
+        return len(self.ci), len(self.si), len(self.pi), len(self.ri)
+
+    def describe(self) -> dict:
+        sw = self.sweep
+        return {"units": [sw.unit_description(c, sw.seeds[s]) for c in self.ci for s in self.si],
+                "ps": [sw.ps[i] for i in self.pi], "snrs": [str(sw.snrs[i]) for i in self.ri]}
+
+    def tensors(self):
+        """Inputs, labels and preconditioners of the selected models as (G, M) grids."""
+        sw = self.sweep
+        pi, ri = torch.tensor(self.pi), torch.tensor(self.ri)
+        X, y, Xt, yt, Ps = [], [], [], [], []
+        for c in self.ci:
+            for s in self.si:
+                data = sw.data(c, sw.seeds[s])
+                X.append(data.X_train)
+                Xt.append(data.X_test)
+                y.append(data.y_train[ri].repeat(len(pi), 1))          # models (p, snr)
+                yt.append(data.y_test[ri].repeat(len(pi), 1))
+                Ps.append(sw.preconditioners(c, data)[pi].repeat_interleave(len(ri), dim=0))
+        dtype = {"float32": torch.float32, "float64": torch.float64}[sw.dtype]
+        return [torch.stack(t).to(dtype) for t in (X, y, Xt, yt, Ps)]
+
+    def grid(self, out, dead) -> RunGrid:
+        sw = self.sweep
+        shape = self.shape
+        dead = dead | (out.diverged_at.numpy().reshape(shape) >= 0)
+
+        def arr(t):
+            a = t.detach().cpu().double().numpy().reshape(*shape, len(out.steps))
+            return np.where(dead[..., None], np.nan, a)
+
+        return RunGrid(
+            steps=np.asarray(out.steps), cases=tuple(sw.cases[c].name for c in self.ci),
+            seeds=tuple(sw.seeds[s] for s in self.si), ps=tuple(sw.ps[p] for p in self.pi),
+            snrs=tuple(sw.snrs[r] for r in self.ri), train_loss=arr(out.train_loss),
+            test_loss=arr(out.test_loss), diverged=dead, params=out.params,
+        )
+
+
+def _store(store):
+    if isinstance(store, str):
+        if store != "default":
+            raise ValueError(f"store must be a Store, None or 'default', got {store!r}")
+        return default_store()
+    return store
+
+
 def continue_runs(
     result: SweepResult,
     n_steps: int,
@@ -70,13 +144,15 @@ def continue_runs(
     seeds: Sequence[int] | None = None,
     ps: Sequence[float] | None = None,
     snrs: Sequence[float] | None = None,
-) -> ContinuedRuns:
+    store: Store | None | str = "default",
+) -> RunGrid:
     """Train selected models of a stored sweep ``n_steps`` further.
 
     Each unit's data and preconditioners are regenerated as the sweep made them
     (:meth:`Sweep.data`, :meth:`Sweep.preconditioners`), and training resumes from
     the stored final parameters with the sweep's own learning rate, weight decay and
-    divergence rule. All selected units train together, one group each.
+    divergence rule. All selected units train together, one group each; the result
+    is stored like a sweep's units (see :func:`spectral_precond.sweeps.run_sweep`).
 
     Parameters
     ----------
@@ -88,54 +164,166 @@ def continue_runs(
         recorded; by default about ``n_log`` log-spaced ones.
     cases, seeds, ps, snrs : optional
         Case names and values to select (all by default).
+    store : Store, None or "default"
     """
     if not isinstance(result, SweepResult):
         raise TypeError(f"result must be a SweepResult, got {type(result).__name__}")
     positive_int("n_steps", n_steps)
-    sweep = result.sweep
-    ci = _select("case", [c.name for c in sweep.cases], cases)
-    si = _select("seed", sweep.seeds, seeds)
-    pi = _select("p", sweep.ps, None if ps is None else [float(p) for p in ps])
-    ri = _select("snr", sweep.snrs, None if snrs is None else [float(s) for s in snrs])
-    config = replace(sweep.config, n_steps=n_steps, n_log=n_log, snapshot_steps=(),
+    sel = _Selection.make(result.sweep, cases, seeds, ps, snrs)
+    config = replace(result.sweep.config, n_steps=n_steps, n_log=n_log, snapshot_steps=(),
                      log_steps=None if log_steps is None else list(log_steps))
-    dtype = {"float32": torch.float32, "float64": torch.float64}[sweep.dtype]
-    X, y, Xt, yt, Ps, inits = [], [], [], [], [], []
-    pi_t, ri_t = torch.tensor(pi), torch.tensor(ri)
-    for c in ci:
-        for s in si:
-            data = sweep.data(c, sweep.seeds[s])
-            P = sweep.preconditioners(c, data)[pi_t]                    # (P', dx, dx)
-            X.append(data.X_train)
-            Xt.append(data.X_test)
-            y.append(data.y_train[ri_t].repeat(len(pi), 1))             # models (p, snr)
-            yt.append(data.y_test[ri_t].repeat(len(pi), 1))
-            Ps.append(P.repeat_interleave(len(ri), dim=0))
+    desc = {"kind": "label-noise-continuation", **sel.describe(), "config": asdict(config)}
+    (grid,), _ = run_units(_continue, [(desc, (result, sel, config))], _store(store),
+                           description="continued runs")
+    return grid
+
+
+def _continue(result: SweepResult, sel: _Selection, config: TrainConfig) -> RunGrid:
+    X, y, Xt, yt, P = sel.tensors()
+    inits = []
+    pi, ri = torch.tensor(sel.pi), torch.tensor(sel.ri)
+    for c in sel.ci:
+        for s in sel.si:
             grid = result.params(c, s)
-            inits.append([t[pi_t][:, ri_t].reshape(len(pi) * len(ri), *t.shape[2:])
+            inits.append([t[pi][:, ri].reshape(len(pi) * len(ri), *t.shape[2:])
                           for t in grid.tensors()])
     init = Params(*(torch.stack([u[k] for u in inits]) for k in range(4)))
-    out = train(torch.stack(X).to(dtype), torch.stack(y).to(dtype),
-                torch.stack(Ps).to(dtype), init.to(dtype), config,
-                torch.stack(Xt).to(dtype), torch.stack(yt).to(dtype))
-    shape = (len(ci), len(si), len(pi), len(ri), len(out.steps))
-    dead = result.diverged_at[np.ix_(ci, si, pi, ri)] >= 0
-    dead = dead | (out.diverged_at.numpy().reshape(shape[:4]) >= 0)
+    out = train(X, y, P, init.to(X.dtype), config, Xt, yt)
+    dead = result.diverged_at[np.ix_(sel.ci, sel.si, sel.pi, sel.ri)] >= 0
+    grid = sel.grid(out, dead)
+    grid.steps = grid.steps + result.sweep.config.n_steps
+    return grid
 
-    def grid(t):
-        arr = t.detach().cpu().double().numpy().reshape(shape)
-        return np.where(dead[..., None], np.nan, arr)
 
-    return ContinuedRuns(
-        steps=out.steps + sweep.config.n_steps,
-        cases=tuple(sweep.cases[c].name for c in ci),
-        seeds=tuple(sweep.seeds[s] for s in si),
-        ps=tuple(sweep.ps[p] for p in pi),
-        snrs=tuple(sweep.snrs[r] for r in ri),
-        train_loss=grid(out.train_loss),
-        test_loss=grid(out.test_loss),
-        params=out.params,
-    )
+def adahessian_runs(
+    sweep: Sweep,
+    config: TrainConfig,
+    cases: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    ps: Sequence[float] | None = None,
+    snrs: Sequence[float] | None = None,
+    store: Store | None | str = "default",
+) -> RunGrid:
+    """The sweep's models trained by AdaHessian with ``hessian_power = -p`` instead.
+
+    Same data, labels and initial parameters as the sweep's runs of exact
+    preconditioning (the sweep must use ``init="kaiming"``), trained by
+    :func:`spectral_precond.adahessian.train_adahessian` with ``config``; the result
+    is stored like a sweep's units.
+    """
+    if not isinstance(sweep, Sweep):
+        raise TypeError(f"sweep must be a Sweep, got {type(sweep).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if sweep.init != "kaiming":
+        raise ValueError(f"AdaHessian runs start from the kaiming init, got init={sweep.init!r}")
+    sel = _Selection.make(sweep, cases, seeds, ps, snrs)
+    desc = {"kind": "label-noise-adahessian", **sel.describe(), "config": asdict(config)}
+    (grid,), _ = run_units(_adahessian, [(desc, (sel, config))], _store(store),
+                           description="AdaHessian runs")
+    return grid
+
+
+def _adahessian(sel: _Selection, config: TrainConfig) -> RunGrid:
+    sw = sel.sweep
+    X, y, Xt, yt, _ = sel.tensors()
+    C, S, n_p, n_r = sel.shape
+    seeds = np.array([[sw.seeds[s]] * (n_p * n_r) for _ in sel.ci for s in sel.si])
+    init = kaiming_init(seeds, X.shape[2], sw.width, sw.init_scale).to(X.dtype)
+    powers = [-sw.ps[p] for p in sel.pi for _ in sel.ri]
+    out = train_adahessian(X, y, init, powers, config, Xt, yt, seed=sw.seeds[sel.si[0]])
+    return sel.grid(out, np.zeros(sel.shape, dtype=bool))
+
+
+def preconditioned_sharpness(
+    params: Params,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    P: torch.Tensor,
+    weight_decay: float = 0.0,
+    n_iter: int = 30,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Largest eigenvalue of the loss Hessian in the metric of the preconditioned update.
+
+    The update ``theta <- theta - lr * Ptilde grad L`` (``Ptilde`` = ``P`` on the
+    right of ``W1``, identity elsewhere) is linearly stable near a point only while
+    ``lr * lambda_max(Ptilde^{1/2} H Ptilde^{1/2}) < 2``. This estimates that
+    eigenvalue for every model by power iteration with the closed-form products of
+    :func:`spectral_precond.adahessian.gradient_and_hvp`.
+
+    Parameters
+    ----------
+    params : Params
+        A ``(G, M)`` grid.
+    X : (G, N, dx)
+    y : (G, M, N)
+    P : (G, M, dx, dx)
+        Each model's first-layer preconditioner (symmetric PSD).
+    weight_decay : float
+        As in :func:`spectral_precond.train` (it adds ``weight_decay / N`` to the
+        weights' Hessian).
+    n_iter : int
+        Power iterations; the estimate is the Rayleigh quotient after them (it
+        approaches the eigenvalue of largest magnitude from below).
+    seed : int
+        Seeds the starting vector.
+
+    Returns
+    -------
+    (G, M) tensor, float64
+    """
+    positive_int("n_iter", n_iter)
+    if P.shape != (*params.grid, params.dim, params.dim):
+        raise ValueError(f"P must have shape {(*params.grid, params.dim, params.dim)}, "
+                         f"got {tuple(P.shape)}")
+    evals, evecs = torch.linalg.eigh(P.double())
+    root = ((evecs * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2))
+    root = root.to(params.W1.dtype)
+
+    def apply(v: Params) -> Params:
+        w = Params(v.W1 @ root, v.b1, v.W2, v.b2)
+        _, _, hv = gradient_and_hvp(params, X, y, w, weight_decay)
+        return Params(hv.W1 @ root, hv.b1, hv.W2, hv.b2)
+
+    def dot(a: Params, b: Params) -> torch.Tensor:
+        return ((a.W1 * b.W1).sum((-1, -2)) + (a.b1 * b.b1).sum(-1)
+                + (a.W2 * b.W2).sum(-1) + a.b2 * b.b2)
+
+    gen = generator(seed, "sharpness")
+    v = Params(*(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
+                 for t in params.tensors()))
+    for _ in range(n_iter):
+        v = apply(v)
+        norm = dot(v, v).sqrt().clamp_min(1e-30)
+        v = Params(v.W1 / norm[..., None, None], v.b1 / norm[..., None],
+                   v.W2 / norm[..., None], v.b2 / norm)
+    return (dot(v, apply(v)) / dot(v, v)).double()
+
+
+def sweep_sharpness(result: SweepResult, n_iter: int = 30) -> np.ndarray:
+    """:func:`preconditioned_sharpness` at the final parameters of every run of a sweep.
+
+    Returns a ``(C, S, P, R)`` array (NaN for diverged runs).
+    """
+    if not isinstance(result, SweepResult):
+        raise TypeError(f"result must be a SweepResult, got {type(result).__name__}")
+    sw = result.sweep
+    C, S, n_p, R = sw.shape
+    out = np.full((C, S, n_p, R), np.nan)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[sw.dtype]
+    for c in range(C):
+        for k, seed in enumerate(sw.seeds):
+            data = sw.data(c, seed)
+            P = sw.preconditioners(c, data).repeat_interleave(R, dim=0)[None].to(dtype)
+            grid = result.params(c, k)
+            params = Params(*(t.reshape(1, n_p * R, *t.shape[2:]).to(dtype)
+                              for t in grid.tensors()))
+            y = data.y_train.repeat(n_p, 1)[None].to(dtype)
+            lam = preconditioned_sharpness(params, data.X_train[None].to(dtype), y, P,
+                                           sw.config.weight_decay, n_iter, seed)
+            out[c, k] = lam.reshape(n_p, R).numpy()
+    return np.where(result.diverged_at >= 0, np.nan, out)
 
 
 @dataclass(frozen=True)
