@@ -7,7 +7,8 @@ import torch
 import spectral_precond as sp
 from spectral_precond import alignment as al
 from spectral_precond import effective_p as ep
-from spectral_precond.optimizers import TwoLayerNets, train_classifiers
+from spectral_precond import optimizers as so
+from spectral_precond.optimizers import TwoLayerNets
 
 
 def _grid(G=2, M=3, dh=7, dx=4, seed=0):
@@ -124,39 +125,6 @@ def test_small_init_and_as_params_follow_kaiming_init():
         ep.as_params(TwoLayerNets([0], 5, 6, 3))
 
 
-def test_train_with_optimizer_takes_the_steps_of_train_classifiers(task):
-    _, X, y = task
-    init = ep.small_init([0, 1, 2], 6, 12, scale=0.3)
-    lrs = [1e-2, 3e-3, 2e-2]
-    ours = ep.train_with_optimizer(
-        X,
-        y,
-        lambda m, lr: torch.optim.Adam(m, lr=lr),
-        lrs,
-        init,
-        n_steps=15,
-        eval_sets={"train": (X, y)},
-        dtype=torch.float64,
-    )
-    theirs = train_classifiers(
-        X,
-        y,
-        "adam",
-        lrs,
-        [0, 1, 2],
-        n_steps=15,
-        width=12,
-        loss="mse",
-        init=init,
-        eval_sets={"train": (X, y)},
-        dtype=torch.float64,
-    )
-    np.testing.assert_allclose(ours.train_loss, theirs.train_loss, rtol=1e-10)
-    np.testing.assert_allclose(ours.loss["train"], theirs.loss["train"], rtol=1e-10)
-    for a, b in zip(ours.nets.params[2], theirs.nets.params[2]):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
-
-
 def test_muon_orthogonalises_the_first_layer_and_steps_the_rest_with_adamw():
     W1 = torch.randn(40, 6, generator=sp.generator(5), dtype=torch.float64)
     rest = [
@@ -165,7 +133,7 @@ def test_muon_orthogonalises_the_first_layer_and_steps_the_rest_with_adamw():
         torch.zeros(1, dtype=torch.float64),
     ]
     params = [t.clone().requires_grad_(True) for t in [W1, *rest]]
-    opt = ep.make_muon(params, lr=0.1, adamw_lr=1e-3)
+    opt = so.make_optimizer("muon", params, lr=0.1, adamw_lr=1e-3)
     assert [g["use_muon"] for g in opt.param_groups] == [True, False]
     assert opt.param_groups[1]["lr"] == 1e-3
     # a gradient whose singular values span four orders of magnitude
@@ -301,19 +269,6 @@ def test_select_config_counts_divergence_as_infinite_and_prefers_the_later_tie()
                 2,
             ),
             "unknown optimizer 'adamw'",
-        ),
-        (lambda: ep.make_soap([torch.zeros(2, 2)], lr=0.0), "lr must be > 0"),
-        (lambda: ep.make_muon([torch.zeros(2)], lr=0.1), "W1 a matrix"),
-        (
-            lambda: ep.train_with_optimizer(
-                torch.zeros(2, 3, 2),
-                torch.zeros(2, 3),
-                torch.optim.SGD,
-                [0.1],
-                ep.small_init([0, 1], 2, 4),
-                2,
-            ),
-            "one lr per model",
         ),
     ],
 )

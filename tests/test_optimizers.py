@@ -36,7 +36,7 @@ def test_unknown_names_and_options_are_refused():
 def test_every_optimizer_builds_and_fits_the_training_set(name, small_task):
     X, y = small_task
     lr = {"sgd": 0.5, "momentum": 0.05, "adam": 3e-3, "sam": 0.05, "lbfgs": 0.3, "kfac": 0.03,
-          "adahessian": 0.02, "shampoo": 0.1, "exact": 0.5}[name]
+          "adahessian": 0.02, "shampoo": 0.1, "soap": 0.01, "muon": 0.02, "exact": 0.5}[name]
     options = {"preconditioner": sp.empirical_power(X[0], -0.5)} if name == "exact" else None
     if name == "shampoo":
         options = {"preconditioning_compute_steps": 1}
@@ -80,7 +80,8 @@ def test_exact_preconditioning_reproduces_the_batched_regression_trainer():
     assert not torch.allclose(got[0], W1.to(torch.float64))
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "sam", "kfac", "shampoo", "exact", "lbfgs"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "sam", "kfac", "shampoo", "soap", "muon",
+                                  "exact", "lbfgs"])
 def test_models_trained_together_match_models_trained_alone(name, small_task):
     X, y = small_task
     lrs = [0.3, 0.1, 0.05] if name in ("sgd", "exact", "lbfgs") else [3e-3, 1e-3, 2e-3]

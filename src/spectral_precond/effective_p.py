@@ -16,35 +16,29 @@ still within a tolerance of its initial value. Once the network has learned the
 teacher's direction every profile tends to that direction's, whatever the
 optimizer, so the measurement belongs to the early phase.
 
-The optimizers of :mod:`spectral_precond.optimizers` are used through
-:func:`~spectral_precond.optimizers.train_classifiers`; SOAP and Muon, which it does
-not offer, are adapted here (:func:`make_soap`, :func:`make_muon`) and trained by
-:func:`train_with_optimizer`, a full-batch loop with the same loss and the same
-networks. :func:`train_regressors` calls whichever applies.
+The optimizers (SOAP and Muon included) come from :mod:`spectral_precond.optimizers`
+and train through :func:`~spectral_precond.optimizers.train_classifiers` with the
+mean squared error (:func:`train_regressors`).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ._checks import finite_real, positive_int
+from ._checks import finite_real
 from .data import GaussianInputs
 from .metrics import eigendirection_energy
 from .networks import Params, preactivations, predict
 from .optimizers import (
-    OPTIMIZER_NAMES,
     ClassifierResult,
     TwoLayerNets,
     train_classifiers,
 )
 
-#: Optimizers adapted in this module, on top of :data:`OPTIMIZER_NAMES`.
-EXTRA_OPTIMIZERS = ("soap", "muon")
 
 
 def first_layer_gradient(
@@ -251,181 +245,6 @@ def as_params(nets: TwoLayerNets) -> Params:
     )
 
 
-def make_soap(
-    params: Sequence[torch.Tensor], lr: float, **options
-) -> torch.optim.Optimizer:
-    """pytorch-optimizer's SOAP for ``[W1, b1, W2, b2]``, without weight decay.
-
-    SOAP runs Adam in the eigenbasis of Shampoo's Kronecker factors of each matrix
-    (here ``W1`` and the ``1 x width`` head); vectors get plain Adam. ``options`` go to
-    ``pytorch_optimizer.SOAP`` (its defaults otherwise: betas (0.95, 0.95), eigenbasis
-    refreshed every 10 steps).
-    """
-    import pytorch_optimizer as po
-
-    lr = _positive_lr(lr)
-    options = {"weight_decay": 0.0, **options}
-    return po.SOAP(list(params), lr=lr, **options)
-
-
-def make_muon(
-    params: Sequence[torch.Tensor], lr: float, adamw_lr: float | None = None, **options
-) -> torch.optim.Optimizer:
-    """pytorch-optimizer's Muon on ``W1``, its AdamW fallback on ``b1``, ``W2``, ``b2``.
-
-    Muon is meant for hidden weight matrices; in the two-layer network the first layer
-    is the only one (the head is an output layer, the biases are vectors), so Muon
-    orthogonalises the update of ``W1`` (Newton-Schulz, Nesterov momentum 0.95) and
-    the other tensors take AdamW steps at ``adamw_lr`` (``lr`` if omitted), without
-    weight decay. ``options`` go to ``pytorch_optimizer.Muon``.
-    """
-    import pytorch_optimizer as po
-
-    lr = _positive_lr(lr)
-    adamw_lr = lr if adamw_lr is None else _positive_lr(adamw_lr)
-    W1, *rest = list(params)
-    if W1.ndim != 2 or len(rest) != 3:
-        raise ValueError("params must be [W1, b1, W2, b2] with W1 a matrix")
-    groups = [
-        {"params": [W1], "use_muon": True, "lr": lr, "weight_decay": 0.0},
-        {"params": rest, "use_muon": False, "lr": adamw_lr, "weight_decay": 0.0},
-    ]
-    return po.Muon(groups, lr=lr, adamw_lr=adamw_lr, **options)
-
-
-_BUILDERS = {"soap": make_soap, "muon": make_muon}
-
-
-def _positive_lr(lr) -> float:
-    lr = finite_real("lr", lr)
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    return lr
-
-
-def train_with_optimizer(
-    X_train: torch.Tensor,
-    y_train: torch.Tensor,
-    build: Callable[[list, float], torch.optim.Optimizer],
-    lrs: Sequence[float],
-    init: Sequence[Sequence[torch.Tensor]],
-    n_steps: int,
-    eval_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    dtype=torch.float32,
-) -> ClassifierResult:
-    """Full-batch MSE training of ``K`` one-output networks, one optimizer each.
-
-    The loss, the networks and the result are those of
-    :func:`~spectral_precond.optimizers.train_classifiers` with ``loss="mse"`` and no
-    weight decay, for an optimizer built by ``build(params, lr)`` that
-    ``train_classifiers`` does not offer.
-
-    Parameters
-    ----------
-    X_train : (K, N, dx)
-    y_train : (K, N)
-    build : callable ``(params: [W1, b1, W2, b2], lr) -> torch.optim.Optimizer``
-    lrs : (K,) one learning rate per model
-    init : ``[W1, b1, W2, b2]`` per model (``W2: (1, width)``), copied
-    n_steps : full-batch steps
-    eval_sets : name -> ``(X: (K, n, dx), y: (K, n))``; their final MSE goes to ``loss``
-
-    Returns
-    -------
-    ClassifierResult
-        ``train_loss: (K, n_steps + 1)`` before each step and after the last,
-        ``loss[name]: (K,)``; a model whose loss turns non-finite is zeroed and
-        frozen (``diverged``), and its losses are NaN from then on.
-    """
-    if not callable(build):
-        raise TypeError(f"build must be callable, got {build!r}")
-    K = len(init)
-    lrs = [_positive_lr(v) for v in lrs]
-    if K == 0 or len(lrs) != K:
-        raise ValueError(
-            f"need one lr per model: {len(lrs)} lrs for {K} initialisations"
-        )
-    positive_int("n_steps", n_steps)
-    if (
-        not isinstance(X_train, torch.Tensor)
-        or X_train.ndim != 3
-        or X_train.shape[0] != K
-    ):
-        raise ValueError(
-            f"X_train must be (K={K}, N, dx), got "
-            f"{tuple(getattr(X_train, 'shape', ()))}"
-        )
-    if not isinstance(y_train, torch.Tensor) or y_train.shape != X_train.shape[:2]:
-        raise ValueError(
-            f"y_train must be {tuple(X_train.shape[:2])}, got "
-            f"{tuple(getattr(y_train, 'shape', ()))}"
-        )
-    X, y = X_train.to(dtype), y_train.to(dtype)
-    nets = TwoLayerNets(
-        range(K), X.shape[2], init[0][0].shape[0], 1, dtype=dtype, init=init
-    )
-    optims = [build(m, lr) for m, lr in zip(nets.params, lrs)]
-    alive = torch.ones(K, dtype=torch.bool)
-    history = np.full((K, n_steps + 1), np.nan)
-
-    def losses():
-        _, out = nets.forward(X)
-        return ((out.squeeze(-1) - y) ** 2).mean(1)
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", category=UserWarning, module="pytorch_optimizer"
-        )
-        for t in range(n_steps + 1):
-            per = losses()
-            bad = ~torch.isfinite(per.detach()) & alive
-            if bad.any():
-                with torch.no_grad():
-                    for k in torch.nonzero(bad).flatten().tolist():
-                        for p in nets.params[k]:
-                            p.zero_()
-                alive &= ~bad
-                per = losses()
-            history[:, t] = np.where(
-                alive.numpy(), per.detach().double().numpy(), np.nan
-            )
-            if t == n_steps:
-                break
-            for m in nets.params:
-                for p in m:
-                    p.grad = None
-            per[alive].sum().backward()
-            for k, opt in enumerate(optims):
-                if alive[k]:
-                    opt.step()
-    for m in nets.params:
-        for p in m:
-            p.grad = None
-    final = {}
-    with torch.no_grad():
-        for name, (Xe, ye) in (eval_sets or {}).items():
-            _, out = nets.forward(Xe.to(dtype))
-            mse = ((out.squeeze(-1) - ye.to(dtype)) ** 2).mean(1).double().numpy()
-            final[name] = np.where(alive.numpy(), mse, np.nan)
-    return ClassifierResult(
-        train_loss=history,
-        accuracy={},
-        loss=final,
-        diverged=(~alive).numpy(),
-        nets=nets,
-        lrs=np.array(lrs),
-        seeds=np.arange(K),
-    )
-
-
-def _check_name(name: str) -> None:
-    if name not in OPTIMIZER_NAMES + EXTRA_OPTIMIZERS:
-        raise ValueError(
-            f"unknown optimizer {name!r}; allowed: "
-            f"{', '.join(OPTIMIZER_NAMES + EXTRA_OPTIMIZERS)}"
-        )
-
-
 def train_regressors(
     name: str,
     X_train: torch.Tensor,
@@ -440,41 +259,15 @@ def train_regressors(
 ) -> ClassifierResult:
     """Train ``K = len(init)`` one-output networks on the MSE with optimizer ``name``.
 
-    ``name`` is one of :data:`~spectral_precond.optimizers.OPTIMIZER_NAMES` (trained by
-    ``train_classifiers(loss="mse")``) or of :data:`EXTRA_OPTIMIZERS` (trained by
-    :func:`train_with_optimizer`); ``options`` go to the optimizer (for ``"muon"``:
-    ``adamw_lr`` and pytorch-optimizer's options). ``seeds`` seed AdaHessian's
-    probes (``0 .. K-1`` by default). No weight decay.
+    ``name`` is one of :data:`~spectral_precond.optimizers.OPTIMIZER_NAMES`;
+    ``options`` go to the optimizer (for ``"muon"``: ``adamw_lr`` among others).
+    ``seeds`` seed AdaHessian's probes (``0 .. K-1`` by default). No weight decay.
     """
-    _check_name(name)
-    K = len(init)
-    if name in OPTIMIZER_NAMES:
-        seeds = list(range(K)) if seeds is None else list(seeds)
-        return train_classifiers(
-            X_train,
-            y_train,
-            name,
-            list(lrs),
-            seeds,
-            n_steps=n_steps,
-            width=init[0][0].shape[0],
-            options=options,
-            eval_sets=eval_sets,
-            loss="mse",
-            dtype=dtype,
-            init=init,
-        )
-    opts = dict(options or {})
-    maker = _BUILDERS[name]
-    return train_with_optimizer(
-        X_train,
-        y_train,
-        lambda m, lr: maker(m, lr, **opts),
-        lrs,
-        init,
-        n_steps,
-        eval_sets,
-        dtype,
+    seeds = list(range(len(init))) if seeds is None else list(seeds)
+    return train_classifiers(
+        X_train, y_train, name, list(lrs), seeds, n_steps=n_steps,
+        width=init[0][0].shape[0], options=options, eval_sets=eval_sets, loss="mse",
+        dtype=dtype, init=init,
     )
 
 
@@ -595,12 +388,9 @@ def select_config(val_mse: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 __all__ = [
-    "EXTRA_OPTIMIZERS",
     "as_params",
     "effective_p",
     "first_layer_gradient",
-    "make_muon",
-    "make_soap",
     "Measurement",
     "measure_effective_p",
     "p_from_energies",
@@ -609,5 +399,4 @@ __all__ = [
     "select_config",
     "small_init",
     "train_regressors",
-    "train_with_optimizer",
 ]

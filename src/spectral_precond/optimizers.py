@@ -38,7 +38,8 @@ from .kfac import KFAC
 from .seeding import generator
 
 #: Names accepted by :func:`make_optimizer` and :func:`train_classifiers`.
-OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sam", "lbfgs", "kfac", "adahessian", "shampoo", "exact")
+OPTIMIZER_NAMES = ("sgd", "momentum", "adam", "sam", "lbfgs", "kfac", "adahessian", "shampoo",
+                   "soap", "muon", "exact")
 
 #: Settings used unless overridden through ``options`` (the authors' where they give one).
 DEFAULT_OPTIONS = {
@@ -66,6 +67,8 @@ def _check_options(name: str, options: Mapping | None) -> dict:
         "kfac": {"damping", "momentum", "kl_clip", "curvature_every"},
         "adahessian": {"hessian_power", "betas", "update_period"},
         "shampoo": {"preconditioning_compute_steps", "momentum", "matrix_eps"},
+        "soap": {"betas", "shampoo_beta", "precondition_frequency", "eps"},
+        "muon": {"adamw_lr", "momentum", "nesterov", "ns_steps"},
         "exact": {"preconditioner"},
     }[name]
     unknown = set(options or {}) - allowed
@@ -126,6 +129,13 @@ def _model_groups(name: str, params: Sequence[torch.Tensor], lr: float, options:
     if name == "exact":
         return [{"params": [params[0]], "lr": lr, "preconditioner": P},
                 {"params": list(params[1:]), "lr": lr}]
+    if name == "muon":
+        # Muon is meant for hidden weight matrices: in this network only W1 is one (the
+        # head is the output layer); the head and the biases take AdamW steps.
+        adamw_lr = options.get("adamw_lr") or lr
+        return [{"params": [params[0]], "use_muon": True, "lr": lr, "weight_decay": 0.0},
+                {"params": list(params[1:]), "use_muon": False, "lr": adamw_lr,
+                 "weight_decay": 0.0}]
     return [{"params": list(params), "lr": lr}]
 
 
@@ -137,7 +147,9 @@ def make_optimizer(name: str, params: Sequence[torch.Tensor], lr: float, **optio
     Notes on the adapters: ``"sam"`` wraps momentum SGD; ``"lbfgs"`` does one L-BFGS
     iteration per step, without line search, so that a step costs one gradient like
     the others; ``"kfac"`` needs its curvature set (see :class:`~spectral_precond.kfac.KFAC`);
-    ``"adahessian"`` needs the backward pass to keep its graph (``create_graph=True``).
+    ``"adahessian"`` needs the backward pass to keep its graph (``create_graph=True``);
+    ``"soap"`` is pytorch-optimizer's SOAP without weight decay; ``"muon"`` applies Muon to
+    ``W1`` and AdamW (at ``adamw_lr``, ``lr`` by default) to the other tensors.
     """
     _check_name(name)
     opts = _check_options(name, options)
@@ -184,6 +196,13 @@ def _build(name: str, models: list[list[torch.Tensor]], lrs: list[float], opts: 
         kw = {k: opts[k] for k in ("momentum", "matrix_eps") if k in opts}
         return [po.Shampoo(groups, lr=lrs[0],
                            preconditioning_compute_steps=opts["preconditioning_compute_steps"], **kw)]
+    if name == "soap":
+        kw = {k: opts[k] for k in ("betas", "shampoo_beta", "precondition_frequency", "eps")
+              if k in opts}
+        return [po.SOAP(groups, lr=lrs[0], weight_decay=0.0, **kw)]
+    if name == "muon":
+        kw = {k: opts[k] for k in ("momentum", "nesterov", "ns_steps") if k in opts}
+        return [po.Muon(groups, lr=lrs[0], adamw_lr=opts.get("adamw_lr") or lrs[0], **kw)]
     if name == "sam":
         return [po.SAM(m, torch.optim.SGD, rho=opts["rho"], adaptive=opts.get("adaptive", False),
                        lr=lr, momentum=opts["momentum"]) for m, lr in zip(models, lrs)]
