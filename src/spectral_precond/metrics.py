@@ -80,7 +80,7 @@ def input_gradients(params: Params, X: torch.Tensor) -> torch.Tensor:
     ``X: (G, n, dx)``. At a kink (a pre-activation exactly 0) the ReLU's derivative is
     taken as 0, as in PyTorch.
     """
-    X = _check_inputs(params, X)
+    X = check_inputs(params, X).to(params.W1)
     G, M = params.grid
     out = torch.empty(G, M, X.shape[1], params.dim, dtype=params.W1.dtype)
     for g in range(G):
@@ -108,7 +108,7 @@ def input_sensitivity(
     -------
     (G, M, k) tensor, ``S[g, m, i] = mean_n (df_{g,m}(x_n)/dx . u_i)^2``.
     """
-    X = _check_inputs(params, X)
+    X = check_inputs(params, X).to(params.W1)
     U = _check_eigenvectors(eigenvectors, params.dim).to(params.W1)
     G, M = params.grid
     out = torch.empty(G, M, U.shape[1], dtype=params.W1.dtype)
@@ -117,20 +117,6 @@ def input_sensitivity(
             J = _group_gradients(params, g, m0, m1, X[g])
             out[g, m0:m1] = (J @ U).square().mean(-2)
     return out
-
-
-def _check_inputs(params: Params, X: torch.Tensor) -> torch.Tensor:
-    if not isinstance(params, Params):
-        raise TypeError(f"params must be Params, got {type(params).__name__}")
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
-    G = params.grid[0]
-    if X.ndim != 3 or X.shape[0] != G or X.shape[2] != params.dim:
-        raise ValueError(
-            f"X must have shape ({G}, n, {params.dim}) for this grid, got "
-            f"{tuple(X.shape)}"
-        )
-    return X.to(params.W1)
 
 
 def _model_chunks(M: int, dh: int, n: int):
@@ -149,3 +135,20 @@ def _group_gradients(
     # Row n of the result is (W2 * 1[z_n > 0]) @ W1.
     gate = (Z > 0).to(W1.dtype) * W2.unsqueeze(-1)
     return gate.transpose(1, 2) @ W1
+
+
+def check_inputs(params: Params, X: torch.Tensor, name: str = "X") -> torch.Tensor:
+    """Check that ``X: (G, n, dx)`` holds finite inputs for the grid of ``params``."""
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be Params, got {type(params).__name__}")
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+    G = params.grid[0]
+    if X.ndim != 3 or X.shape[0] != G or X.shape[2] != params.dim:
+        raise ValueError(
+            f"{name} must have shape ({G}, n, {params.dim}) for this grid, got "
+            f"{tuple(X.shape)}"
+        )
+    if not torch.isfinite(X).all():
+        raise ValueError(f"{name} must be finite")
+    return X

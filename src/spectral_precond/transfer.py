@@ -21,6 +21,7 @@ import torch
 
 from ._checks import finite_real
 from .data import Case
+from .metrics import check_inputs
 from .networks import Params, predict
 
 #: Bound on the bytes of one chunk of hidden activations in :func:`mse`.
@@ -72,26 +73,10 @@ def stack_groups(grids: Sequence[Params]) -> Params:
     ))
 
 
-def _check_inputs(params: Params, X: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(params, Params):
-        raise TypeError(f"params must be Params, got {type(params).__name__}")
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
-    G = params.grid[0]
-    if X.ndim != 3 or X.shape[0] != G or X.shape[2] != params.dim:
-        raise ValueError(
-            f"{name} must have shape ({G}, n, {params.dim}) for this grid, got "
-            f"{tuple(X.shape)}"
-        )
-    if not torch.isfinite(X).all():
-        raise ValueError(f"{name} must be finite")
-    return X.to(torch.float64)
-
-
 def _check_task(
     params: Params, X: torch.Tensor, y: torch.Tensor, names: tuple[str, str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    X = _check_inputs(params, X, names[0])
+    X = check_inputs(params, X, names[0]).to(torch.float64)
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{names[1]} must be a torch.Tensor, got {type(y).__name__}")
     G, M = params.grid
@@ -193,7 +178,7 @@ def effective_dof(
 
     Parameters are those of :func:`fit_ridge_head` without the labels.
     """
-    X = _check_inputs(params, X_train, "X_train")
+    X = check_inputs(params, X_train, "X_train").to(torch.float64)
     penalty, N = _check_penalty(penalty, X)
     W1, b1 = params.W1.to(torch.float64), params.b1.to(torch.float64)
     out = torch.empty(params.grid, dtype=torch.float64)
