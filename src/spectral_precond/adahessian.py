@@ -119,32 +119,48 @@ def gradient_and_hvp(
     G, M = params.grid
     N, dx, dh = X.shape[1], params.dim, params.width
     decay = finite_real("weight_decay", weight_decay) / N
-    X1 = torch.cat([X, torch.ones(G, N, 1, dtype=X.dtype)], dim=2)     # bias rides along
-    X1t = X1.transpose(1, 2).contiguous()                              # (G, dx + 1, N)
+    X1t = _with_ones(X)
     loss = torch.empty(G, M, dtype=X.dtype)
     grad = Params(*(torch.empty_like(t) for t in params.tensors()))
     hvp = None if probe is None else Params(*(torch.empty_like(t) for t in probe.tensors()))
-    step = max(1, CHUNK_BYTES // (dh * N * X.element_size()))
 
     def chunk(g, m0, m1):
         sl = (g, slice(m0, m1))
-        outs = _chunk_products(
-            [t[sl] for t in params.tensors()], X1t[g], y[sl],
-            None if probe is None else [t[sl] for t in probe.tensors()], decay)
-        loss[sl] = outs[0]
-        for target, values in ((grad, outs[1]), (hvp, outs[2])):
+        W1, b1, W2, b2 = (t[sl] for t in params.tensors())
+        v = None
+        if probe is not None:
+            V1, c1, V2, c2 = (t[sl] for t in probe.tensors())
+            v = (torch.cat([V1, c1.unsqueeze(-1)], dim=-1), V2, c2)
+        out = _products(torch.cat([W1, b1.unsqueeze(-1)], dim=-1), W2, b2, X1t[g], y[sl],
+                        v, decay)
+        loss[sl] = out[0]
+        for target, (dA, dW2, db2) in ((grad, out[1]), (hvp, out[2])):
             if target is not None:
-                for t, v in zip(target.tensors(), values):
-                    t[sl] = v
+                target.W1[sl], target.b1[sl] = dA[..., :dx], dA[..., dx]
+                target.W2[sl], target.b2[sl] = dW2, db2
 
-    jobs = [(g, m0, min(M, m0 + step)) for g in range(G) for m0 in range(0, M, step)]
+    _run_chunks(chunk, _chunks(G, M, dh, N, X.element_size()), pool)
+    return loss, grad, hvp
+
+
+def _with_ones(X: torch.Tensor) -> torch.Tensor:
+    """``(G, dx + 1, N)``: the inputs transposed, with a row of ones (the bias input)."""
+    ones = torch.ones(X.shape[0], X.shape[1], 1, dtype=X.dtype)
+    return torch.cat([X, ones], dim=2).transpose(1, 2).contiguous()
+
+
+def _chunks(G: int, M: int, dh: int, N: int, itemsize: int) -> list[tuple[int, int, int]]:
+    step = max(1, CHUNK_BYTES // (dh * N * itemsize))
+    return [(g, m0, min(M, m0 + step)) for g in range(G) for m0 in range(0, M, step)]
+
+
+def _run_chunks(fn, jobs, pool) -> None:
     if pool is None:
         for job in jobs:
-            chunk(*job)
+            fn(*job)
     else:
-        for future in [pool.submit(chunk, *job) for job in jobs]:
+        for future in [pool.submit(fn, *job) for job in jobs]:
             future.result()
-    return loss, grad, hvp
 
 
 _workspace = threading.local()
@@ -165,19 +181,19 @@ def _buffers(rows: int, N: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torc
     return cache[key]
 
 
-def _chunk_products(net, X1t, y, probe, decay):
+def _products(A, W2, b2, X1t, y, probe, decay):
     """Loss, gradient and ``H v`` of ``c`` models sharing inputs ``X1t: (dx + 1, N)``.
 
+    ``A = [W1 | b1]: (c, dh, dx + 1)``; ``probe = (VA, V2, c2)`` in the same layout, or
+    None. Returns ``loss: (c,)``, ``(gA, gW2, gb2)`` and ``(hA, hW2, hb2)`` (or None).
     Products with the mask and the activations are formed as ``(c, k, N) @ (c, N, dh)``
     with the transposed views: on the CPU that is several times faster than the
     ``(c, dh, N) @ (c, N, k)`` order for the thin ``k`` here.
     """
-    W1, b1, W2, b2 = net
-    c, dh, dx = W1.shape
-    N = X1t.shape[1]
-    Z, H, V = _buffers(c * dh, N, W1.dtype)
-    A = torch.cat([W1, b1.unsqueeze(-1)], dim=-1).view(c * dh, dx + 1)
-    Z = torch.mm(A, X1t, out=Z).view(c, dh, N)
+    c, dh, dx1 = A.shape
+    dx, N = dx1 - 1, X1t.shape[1]
+    Z, H, V = _buffers(c * dh, N, A.dtype)
+    Z = torch.mm(A.reshape(c * dh, dx1), X1t, out=Z).view(c, dh, N)
     H = torch.clamp_min(Z, 0.0, out=H.view(c, dh, N))
     r = torch.bmm(W2.unsqueeze(1), H).squeeze(1) + b2.unsqueeze(-1) - y
     loss = torch.linalg.vecdot(r, r) / N
@@ -187,35 +203,44 @@ def _chunk_products(net, X1t, y, probe, decay):
     if probe is None:
         D = delta.unsqueeze(1)                               # (c, 1, N)
         gA = torch.bmm(X1t * D, St).transpose(1, 2) * W2.unsqueeze(-1)
-        gA[..., :dx] += decay * W1
+        gA[..., :dx] += decay * A[..., :dx]
         gW2 = torch.bmm(D, Ht).squeeze(1) + decay * W2
-        return loss, (gA[..., :dx], gA[..., dx], gW2, delta.sum(-1)), None
-    V1, c1, V2, c2 = probe
-    VA = torch.cat([V1, c1.unsqueeze(-1)], dim=-1).view(c * dh, dx + 1)
-    SVZ = torch.mm(VA, X1t, out=V).view(c, dh, N).mul_(S)    # first-layer change along v
+        return loss, (gA, gW2, delta.sum(-1)), None
+    VA, V2, c2 = probe
+    SVZ = torch.mm(VA.reshape(c * dh, dx1), X1t, out=V).view(c, dh, N).mul_(S)
     e = (torch.bmm(W2.unsqueeze(1), SVZ) + torch.bmm(V2.unsqueeze(1), H)).squeeze(1)
     e = (e + c2.unsqueeze(-1)) * (2.0 / N)                   # (2/N) * change of f along v
     D = torch.stack([delta, e], dim=1)                       # (c, 2, N)
     HD = torch.bmm(D, Ht)                                    # (c, 2, dh)
-    XD = (X1t * D.unsqueeze(2)).reshape(c, 2 * (dx + 1), N)  # [delta * X1t ; e * X1t]
+    XD = (X1t * D.unsqueeze(2)).reshape(c, 2 * dx1, N)       # [delta * X1t ; e * X1t]
     SX = torch.bmm(XD, St).transpose(1, 2)                   # (c, dh, 2 (dx + 1))
-    gA = SX[..., : dx + 1] * W2.unsqueeze(-1)
-    hA = SX[..., dx + 1 :] * W2.unsqueeze(-1) + SX[..., : dx + 1] * V2.unsqueeze(-1)
-    gA[..., :dx] += decay * W1
-    hA[..., :dx] += decay * V1
+    gA = SX[..., :dx1] * W2.unsqueeze(-1)
+    hA = SX[..., dx1:] * W2.unsqueeze(-1) + SX[..., :dx1] * V2.unsqueeze(-1)
+    gA[..., :dx] += decay * A[..., :dx]
+    hA[..., :dx] += decay * VA[..., :dx]
     gW2 = HD[:, 0] + decay * W2
     hW2 = HD[:, 1] + torch.bmm(D[:, :1], SVZ.transpose(1, 2)).squeeze(1) + decay * V2
-    grad = (gA[..., :dx], gA[..., dx], gW2, delta.sum(-1))
-    return loss, grad, (hA[..., :dx], hA[..., dx], hW2, e.sum(-1))
+    return loss, (gA, gW2, delta.sum(-1)), (hA, hW2, e.sum(-1))
+
+
+def _draw_probe(G: int, M: int, dh: int, dx: int, gen: torch.Generator, dtype):
+    """Rademacher ``(VA: (G, M, dh, dx + 1), V2: (G, M, dh), c2: (G, M))``."""
+    out = []
+    for shape in ((G, M, dh, dx + 1), (G, M, dh), (G, M)):
+        bits = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
+        out.append((2 * bits - 1).to(dtype))
+    return out
 
 
 def rademacher_like(params: Params, gen: torch.Generator) -> Params:
-    """A Rademacher (+-1) direction with the shapes, dtype and device of ``params``."""
-    out = []
-    for t in params.tensors():
-        bits = torch.randint(0, 2, t.shape, generator=gen, dtype=torch.int8)
-        out.append((2 * bits - 1).to(t.dtype).to(t.device))
-    return Params(*out)
+    """A Rademacher (+-1) direction with the shapes and dtype of ``params``.
+
+    Draws the first-layer weights and biases together, as :func:`train_adahessian`
+    draws its probes, so that the same generator state gives the same direction.
+    """
+    G, M = params.grid
+    VA, V2, c2 = _draw_probe(G, M, params.width, params.dim, gen, params.W1.dtype)
+    return Params(VA[..., :-1], VA[..., -1], V2, c2)
 
 
 def _power_runs(hessian_power, M: int) -> list[tuple[int, int, float]]:
@@ -310,75 +335,117 @@ def train_adahessian(
         )
     runs = _power_runs(hessian_power, M)
     dtype = X_train.dtype
-    y = y_train.to(dtype)
-    # Parameters are kept model-major, (M, G, ...), so that a run of models is one
-    # contiguous view: the optimizer's parameter groups are views of the grid.
-    state = [t.to(dtype).transpose(0, 1).clone(memory_format=torch.contiguous_format)
-             for t in params.tensors()]
+    # Parameters are kept model-major, (M, G, ...), with W1 and b1 side by side in
+    # A = [W1 | b1]: a run of models with one power is then one contiguous view, and
+    # the optimizer's parameter groups are views of the grid (its update is
+    # elementwise, so how the tensors are cut does not change it).
+    W1, b1, W2, b2 = (t.to(dtype) for t in params.tensors())
+    A = torch.cat([W1, b1.unsqueeze(-1)], dim=-1)
+    state = [t.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+             for t in (A, W2, b2)]
+    grads = [torch.zeros_like(t) for t in state]
+    hess = [torch.zeros_like(t) for t in state]
     groups = [{"params": [t[m0:m1] for t in state], "hessian_power": k} for m0, m1, k in runs]
     opt = RelaxedAdaHessian(groups, lr=config.lr, betas=betas)
-    probe_gen = generator(seed, "adahessian-probe")
+    hess_views = []
+    for (m0, m1, _), group in zip(runs, opt.param_groups):
+        for p, g, h in zip(group["params"], grads, hess):
+            p.grad = g[m0:m1]
+            hess_views.append(h[m0:m1])
 
     steps = config.schedule()
     log_at = {int(t): i for i, t in enumerate(steps)}
     train_loss = torch.full((G, M, len(steps)), float("nan"), dtype=dtype)
     test_loss = None if X_test is None else torch.full_like(train_loss, float("nan"))
     diverged_at = torch.full((G, M), -1, dtype=torch.long)
+    run = _Run(config, _with_ones(X_train), y_train.to(dtype), X_test, y_test, state, grads,
+               hess, opt, hess_views, generator(seed, "adahessian-probe"), log_at,
+               train_loss, test_loss, diverged_at, test_chunk)
     # As in spectral_precond.train: on the CPU, chunks of models go to worker threads
     # that each run single-threaded operations.
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
     torch.set_num_threads(1)
     try:
-        _adahessian_loop(config, X_train, y, X_test, y_test, state, runs, opt, probe_gen,
-                         log_at, train_loss, test_loss, diverged_at, test_chunk, pool)
+        run.train(pool)
     finally:
         torch.set_num_threads(threads)
         if pool is not None:
             pool.shutdown()
-    final = Params(*(t.transpose(0, 1).contiguous() for t in state))
+    A, W2, b2 = (t.transpose(0, 1) for t in state)
+    final = Params(A[..., :dx].contiguous(), A[..., dx].contiguous(), W2.contiguous(),
+                   b2.contiguous())
     return TrainResult(steps=steps, train_loss=train_loss, test_loss=test_loss,
                        params=final, diverged_at=diverged_at)
 
 
-def _adahessian_loop(config, X_train, y, X_test, y_test, state, runs, opt, probe_gen,
-                     log_at, train_loss, test_loss, diverged_at, test_chunk, pool):
-    """The steps of :func:`train_adahessian`; ``state`` holds the (M, G) parameters."""
-    G, M = diverged_at.shape
-    active = torch.ones(G, M, dtype=torch.bool)
-    frozen, limit = None, None
-    for t in range(config.n_steps + 1):
-        current = Params(*(x.transpose(0, 1) for x in state))
-        probe = None if t == config.n_steps else rademacher_like(current, probe_gen)
-        loss, grad, hvp = gradient_and_hvp(current, X_train, y, probe, config.weight_decay, pool)
-        if limit is None:
-            limit = config.divergence_factor * loss.clamp_min(1.0)
-        bad = ~(loss <= limit) & active                      # NaN-safe
-        if bad.any():
-            diverged_at.masked_fill_(bad, t)
-            active &= ~bad
-            frozen = [x.clone() for x in state]
-        if t in log_at:
-            i = log_at[t]
-            train_loss[:, :, i] = loss.masked_fill(~active, float("nan"))
-            if X_test is not None:
-                test_loss[:, :, i] = _test_mse(current, X_test, y_test, test_chunk).masked_fill(
-                    ~active, float("nan"))
-        if t == config.n_steps:
-            break
-        grads = [g.transpose(0, 1) for g in grad.tensors()]
-        hess = [(v * h).transpose(0, 1) for v, h in zip(probe.tensors(), hvp.tensors())]
-        flat_h = []
-        for (m0, m1, _), group in zip(runs, opt.param_groups):
-            for p, g, h in zip(group["params"], grads, hess):
-                p.grad = g[m0:m1].contiguous()
-                flat_h.append(h[m0:m1].contiguous())
-        opt.step(hessian=flat_h)
-        if frozen is not None:
-            # Diverged models keep the parameters they had when they were found.
-            dead = ~active.transpose(0, 1)
-            for x, f in zip(state, frozen):
-                x[dead] = f[dead]
+class _Run:
+    """The state of one call to :func:`train_adahessian` and its steps.
+
+    ``state``, ``grads`` and ``hess`` hold ``[A, W2, b2]`` in the ``(M, G, ...)``
+    layout; the optimizer's parameters, gradients and Hessian estimates are views of
+    them, filled in place chunk by chunk.
+    """
+
+    def __init__(self, config, X1t, y, X_test, y_test, state, grads, hess, opt, hess_views,
+                 probe_gen, log_at, train_loss, test_loss, diverged_at, test_chunk):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        M, G, dh, dx1 = state[0].shape
+        self.shape = (G, M, dh, dx1 - 1)
+        self.jobs = _chunks(G, M, dh, X1t.shape[2], X1t.element_size())
+        self.decay = config.weight_decay / X1t.shape[2]
+        self.loss = torch.empty(G, M, dtype=X1t.dtype)
+
+    def chunk(self, g, m0, m1, probe):
+        sl = (slice(m0, m1), g)
+        A, W2, b2 = (t[sl] for t in self.state)
+        v = None if probe is None else tuple(t[g, m0:m1] for t in probe)
+        loss, grad, hvp = _products(A, W2, b2, self.X1t[g], self.y[g, m0:m1], v, self.decay)
+        self.loss[g, m0:m1] = loss
+        if probe is None:
+            return
+        for target, value in zip(self.grads, grad):
+            target[sl] = value
+        for target, value, direction in zip(self.hess, hvp, v):
+            torch.mul(value, direction, out=target[sl])      # Hutchinson: v * (H v)
+
+    def params(self) -> Params:
+        A, W2, b2 = (t.transpose(0, 1) for t in self.state)
+        dx = self.shape[3]
+        return Params(A[..., :dx], A[..., dx], W2, b2)
+
+    def train(self, pool):
+        config, (G, M, dh, dx) = self.config, self.shape
+        active = torch.ones(G, M, dtype=torch.bool)
+        frozen, limit = None, None
+        for t in range(config.n_steps + 1):
+            probe = None
+            if t < config.n_steps:
+                probe = _draw_probe(G, M, dh, dx, self.probe_gen, self.X1t.dtype)
+            _run_chunks(lambda g, m0, m1: self.chunk(g, m0, m1, probe), self.jobs, pool)
+            loss = self.loss
+            if limit is None:
+                limit = config.divergence_factor * loss.clamp_min(1.0)
+            bad = ~(loss <= limit) & active                      # NaN-safe
+            if bad.any():
+                self.diverged_at.masked_fill_(bad, t)
+                active &= ~bad
+                frozen = [x.clone() for x in self.state]
+            if t in self.log_at:
+                i = self.log_at[t]
+                self.train_loss[:, :, i] = loss.masked_fill(~active, float("nan"))
+                if self.X_test is not None:
+                    test = _test_mse(self.params(), self.X_test, self.y_test, self.test_chunk)
+                    self.test_loss[:, :, i] = test.masked_fill(~active, float("nan"))
+            if t == config.n_steps:
+                break
+            self.opt.step(hessian=self.hess_views)
+            if frozen is not None:
+                # Diverged models keep the parameters they had when they were found.
+                dead = ~active.transpose(0, 1)
+                for x, f in zip(self.state, frozen):
+                    x[dead] = f[dead]
 
 
 @torch.no_grad()
