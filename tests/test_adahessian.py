@@ -11,6 +11,7 @@ import spectral_precond as sp
 from spectral_precond.adahessian import (
     RelaxedAdaHessian,
     gradient_and_hvp,
+    probe_generators,
     rademacher_like,
     train_adahessian,
 )
@@ -89,7 +90,7 @@ def _grid_problem(G=2, M=3, N=7, dx=4, dh=5, seed=0):
 
 def test_closed_form_gradient_and_hessian_product_match_autograd():
     X, y, params = _grid_problem()
-    probe = rademacher_like(params, torch.Generator().manual_seed(1))
+    probe = rademacher_like(params, probe_generators([1] * params.grid[0]))
     wd = 0.3
     loss, grad, hvp = gradient_and_hvp(params, X, y, probe, weight_decay=wd)
     G, M = params.grid
@@ -110,7 +111,7 @@ def test_closed_form_gradient_and_hessian_product_match_autograd():
 
 def test_rademacher_probe_has_entries_plus_minus_one():
     _, _, params = _grid_problem(G=3, M=4, dh=50)
-    v = rademacher_like(params, torch.Generator().manual_seed(0))
+    v = rademacher_like(params, probe_generators([0, 1, 2]))
     W1 = v.W1
     assert set(W1.unique().tolist()) == {-1.0, 1.0}
     assert abs(W1.mean().item()) < 0.1
@@ -128,7 +129,7 @@ def test_trainer_equals_one_maintained_optimizer_per_model():
                             log_steps=list(range(n_steps + 1)))
     out = train_adahessian(X, y, params, powers, config, seed=5)
 
-    gen = sp.generator(5, "adahessian-probe")
+    gens = probe_generators([5, 5])
     nets = [[[t.clone().requires_grad_(True) for t in params.model(g, m)] for m in range(3)]
             for g in range(2)]
     opts = [[AdaHessian(nets[g][m], lr=lr, hessian_power=powers[m]) for m in range(3)]
@@ -137,7 +138,7 @@ def test_trainer_equals_one_maintained_optimizer_per_model():
     for t in range(n_steps + 1):
         current = sp.Params.stack([[tuple(x.detach() for x in nets[g][m]) for m in range(3)]
                                    for g in range(2)])
-        probe = rademacher_like(current, gen) if t < n_steps else None
+        probe = rademacher_like(current, gens) if t < n_steps else None
         for g in range(2):
             for m in range(3):
                 net = nets[g][m]
@@ -158,6 +159,25 @@ def test_trainer_equals_one_maintained_optimizer_per_model():
                 assert torch.allclose(ours, theirs.detach(), rtol=1e-9, atol=1e-12)
 
 
+def test_trainer_results_do_not_depend_on_the_number_of_threads():
+    X, y, params = _grid_problem(G=3, M=2)
+    config = sp.TrainConfig(n_steps=6, lr=0.01, log_steps=[0, 3, 6])
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out.append(train_adahessian(X, y, params, [1.0, -0.5], config, X, y,
+                                        seed=[4, 5, 6]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for other in out[1:]:
+        assert torch.equal(other.train_loss, out[0].train_loss)
+        assert torch.equal(other.test_loss, out[0].test_loss)
+        assert torch.equal(other.params.W1, out[0].params.W1)
+
+
 def test_trainer_records_test_loss_and_fits_the_regression():
     case = sp.case_high()
     data = sp.make_regression_data(case.inputs, case.teacher(sp.generator(0, "teacher")),
@@ -166,8 +186,7 @@ def test_trainer_records_test_loss_and_fits_the_regression():
     init = sp.kaiming_init([[0, 0]], dx=10, dh=32, scale=1e-3)
     config = sp.TrainConfig(n_steps=300, lr=1e-2, n_log=10)
     out = train_adahessian(data.X_train[None], data.y_train.expand(1, 2, -1), init,
-                           [1.0, 0.0], config, data.X_test[None], data.y_test.expand(1, 2, -1),
-                           test_chunk=64)
+                           [1.0, 0.0], config, data.X_test[None], data.y_test.expand(1, 2, -1))
     assert out.test_loss.shape == (1, 2, len(out.steps))
     init_pred = sp.predict(init, data.X_test[None])
     first = (init_pred - data.y_test).square().mean(-1)
@@ -200,6 +219,7 @@ def test_diverging_model_is_frozen_and_the_others_are_not_touched():
     (dict(config=sp.TrainConfig(n_steps=2, snapshot_steps=[1])), "does not keep snapshots"),
     (dict(y_train=torch.zeros(2, 3, 5)), "y_train must have shape"),
     (dict(X_test=torch.zeros(2, 4, 4)), "give both X_test and y_test"),
+    (dict(seed=[1, 2, 3]), "one int per group"),
 ])
 def test_bad_input_is_refused_with_a_message(kwargs, message):
     X, y, params = _grid_problem()

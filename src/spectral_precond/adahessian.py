@@ -70,7 +70,9 @@ class RelaxedAdaHessian(AdaHessian):
 
 #: Activations of one chunk of models stay below this size, so that the dozen passes
 #: over them in one step hit the cache rather than main memory.
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 2 << 20
+#: Same bound for the test-set forward pass.
+EVAL_CHUNK_BYTES = 2 << 20
 
 
 def gradient_and_hvp(
@@ -79,7 +81,6 @@ def gradient_and_hvp(
     y: torch.Tensor,
     probe: Params | None = None,
     weight_decay: float = 0.0,
-    pool: ThreadPoolExecutor | None = None,
 ) -> tuple[torch.Tensor, Params, Params | None]:
     """Loss, gradient and Hessian-vector product of a grid of two-layer ReLU networks.
 
@@ -104,8 +105,6 @@ def gradient_and_hvp(
     probe : Params, optional
         Direction ``v`` with the shapes of ``params``; without it no product is formed.
     weight_decay : float
-    pool : ThreadPoolExecutor, optional
-        Runs chunks of models in parallel (each on one thread).
 
     Returns
     -------
@@ -122,7 +121,9 @@ def gradient_and_hvp(
     X1t = _with_ones(X)
     loss = torch.empty(G, M, dtype=X.dtype)
     grad = Params(*(torch.empty_like(t) for t in params.tensors()))
-    hvp = None if probe is None else Params(*(torch.empty_like(t) for t in probe.tensors()))
+    hvp = None
+    if probe is not None:
+        hvp = Params(*(torch.empty_like(t) for t in probe.tensors()))
 
     def chunk(g, m0, m1):
         sl = (g, slice(m0, m1))
@@ -131,42 +132,34 @@ def gradient_and_hvp(
         if probe is not None:
             V1, c1, V2, c2 = (t[sl] for t in probe.tensors())
             v = (torch.cat([V1, c1.unsqueeze(-1)], dim=-1), V2, c2)
-        out = _products(torch.cat([W1, b1.unsqueeze(-1)], dim=-1), W2, b2, X1t[g], y[sl],
-                        v, decay)
+        A = torch.cat([W1, b1.unsqueeze(-1)], dim=-1)
+        out = _products(A, W2, b2, X1t[g], y[sl], v, decay)
         loss[sl] = out[0]
         for target, (dA, dW2, db2) in ((grad, out[1]), (hvp, out[2])):
             if target is not None:
                 target.W1[sl], target.b1[sl] = dA[..., :dx], dA[..., dx]
                 target.W2[sl], target.b2[sl] = dW2, db2
 
-    _run_chunks(chunk, _chunks(G, M, dh, N, X.element_size()), pool)
+    for job in _chunks(G, M, dh, N, X.element_size()):
+        chunk(*job)
     return loss, grad, hvp
 
 
 def _with_ones(X: torch.Tensor) -> torch.Tensor:
-    """``(G, dx + 1, N)``: the inputs transposed, with a row of ones (the bias input)."""
+    """``(G, dx + 1, N)``: the inputs transposed, with a row of ones (for the bias)."""
     ones = torch.ones(X.shape[0], X.shape[1], 1, dtype=X.dtype)
     return torch.cat([X, ones], dim=2).transpose(1, 2).contiguous()
 
 
-def _chunks(G: int, M: int, dh: int, N: int, itemsize: int) -> list[tuple[int, int, int]]:
+def _chunks(G: int, M: int, dh: int, N: int, itemsize: int) -> list[tuple[int, ...]]:
     step = max(1, CHUNK_BYTES // (dh * N * itemsize))
     return [(g, m0, min(M, m0 + step)) for g in range(G) for m0 in range(0, M, step)]
-
-
-def _run_chunks(fn, jobs, pool) -> None:
-    if pool is None:
-        for job in jobs:
-            fn(*job)
-    else:
-        for future in [pool.submit(fn, *job) for job in jobs]:
-            future.result()
 
 
 _workspace = threading.local()
 
 
-def _buffers(rows: int, N: int, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _buffers(rows: int, N: int, dtype) -> tuple[torch.Tensor, ...]:
     """Three ``(rows, N)`` scratch matrices of this thread, reused from step to step.
 
     Fresh large tensors at every step would be fresh pages from the system, whose
@@ -209,7 +202,7 @@ def _products(A, W2, b2, X1t, y, probe, decay):
     VA, V2, c2 = probe
     SVZ = torch.mm(VA.reshape(c * dh, dx1), X1t, out=V).view(c, dh, N).mul_(S)
     e = (torch.bmm(W2.unsqueeze(1), SVZ) + torch.bmm(V2.unsqueeze(1), H)).squeeze(1)
-    e = (e + c2.unsqueeze(-1)) * (2.0 / N)                   # (2/N) * change of f along v
+    e = (e + c2.unsqueeze(-1)) * (2.0 / N)               # (2/N) * change of f along v
     D = torch.stack([delta, e], dim=1)                       # (c, 2, N)
     HD = torch.bmm(D, Ht)                                    # (c, 2, dh)
     XD = (X1t * D.unsqueeze(2)).reshape(c, 2 * dx1, N)       # [delta * X1t ; e * X1t]
@@ -223,36 +216,50 @@ def _products(A, W2, b2, X1t, y, probe, decay):
     return loss, (gA, gW2, delta.sum(-1)), (hA, hW2, e.sum(-1))
 
 
-def _draw_probe(G: int, M: int, dh: int, dx: int, gen: torch.Generator, dtype):
-    """Rademacher ``(VA: (G, M, dh, dx + 1), V2: (G, M, dh), c2: (G, M))``."""
+def probe_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """The generators of the Hutchinson probes, one per group, from the groups' seeds.
+
+    A group's probes depend only on its own seed, not on the other groups or on how
+    the groups are split across threads.
+    """
+    return [generator(int(s), "adahessian-probe") for s in seeds]
+
+
+def _draw_probe(M: int, dh: int, dx: int, gen: torch.Generator, dtype):
+    """Rademacher ``(VA: (M, dh, dx + 1), V2: (M, dh), c2: (M,))`` for one group."""
     out = []
-    for shape in ((G, M, dh, dx + 1), (G, M, dh), (G, M)):
+    for shape in ((M, dh, dx + 1), (M, dh), (M,)):
         bits = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
         out.append((2 * bits - 1).to(dtype))
     return out
 
 
-def rademacher_like(params: Params, gen: torch.Generator) -> Params:
+def rademacher_like(params: Params, gens: Sequence[torch.Generator]) -> Params:
     """A Rademacher (+-1) direction with the shapes and dtype of ``params``.
 
-    Draws the first-layer weights and biases together, as :func:`train_adahessian`
-    draws its probes, so that the same generator state gives the same direction.
+    ``gens`` holds one generator per group (:func:`probe_generators`); the first-layer
+    weights and biases are drawn together, as :func:`train_adahessian` draws its
+    probes, so that the same generator states give the same direction.
     """
     G, M = params.grid
-    VA, V2, c2 = _draw_probe(G, M, params.width, params.dim, gen, params.W1.dtype)
+    if len(gens) != G:
+        raise ValueError(f"need one generator per group ({G}), got {len(gens)}")
+    draws = [_draw_probe(M, params.width, params.dim, g, params.W1.dtype) for g in gens]
+    VA, V2, c2 = (torch.stack(t) for t in zip(*draws))
     return Params(VA[..., :-1], VA[..., -1], V2, c2)
 
 
 def _power_runs(hessian_power, M: int) -> list[tuple[int, int, float]]:
     """``(m0, m1, power)`` for each run of equal consecutive powers along the models."""
-    if isinstance(hessian_power, (int, float, np.integer, np.floating)) and not isinstance(
-            hessian_power, bool):
+    number = (int, float, np.integer, np.floating)
+    if isinstance(hessian_power, number) and not isinstance(hessian_power, bool):
         powers = [finite_real("hessian_power", float(hessian_power))] * M
     else:
         powers = [finite_real("hessian_power", float(k)) for k in hessian_power]
         if len(powers) != M:
             raise ValueError(
-                f"hessian_power must be one number or one per model ({M}), got {len(powers)}"
+                f"hessian_power must be one number or one per model ({M}), got "
+                f"{len(powers)}"
             )
     runs, m0 = [], 0
     for m in range(1, M + 1):
@@ -270,15 +277,14 @@ def train_adahessian(
     config: TrainConfig = TrainConfig(),
     X_test: torch.Tensor | None = None,
     y_test: torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     betas: tuple[float, float] = (0.9, 0.999),
-    test_chunk: int = 1000,
 ) -> TrainResult:
     """Train a ``(G, M)`` grid of networks by full-batch AdaHessian steps.
 
     Each step forms the gradient and one Hutchinson estimate ``v * (H v)`` of the
-    Hessian diagonal (``v`` Rademacher, drawn from ``generator(seed,
-    "adahessian-probe")``) in closed form, and calls
+    Hessian diagonal (``v`` Rademacher, one stream per group,
+    :func:`probe_generators`) in closed form, and calls
     :class:`RelaxedAdaHessian.step` with that estimate. Models whose powers are equal
     and adjacent along ``M`` share one parameter group (the update is elementwise,
     so this equals one optimizer per model; the tests check it).
@@ -296,10 +302,9 @@ def train_adahessian(
         :func:`spectral_precond.train`), the logging schedule and
         ``divergence_factor``; ``snapshot_steps`` is not supported.
     X_test, y_test : (G, n_test, dx) and (G, M, n_test), optional
-    seed : int
-        Seeds the Hutchinson probes.
+    seed : int or (G,) sequence of int
+        Seeds the Hutchinson probes, of all groups or of each group.
     betas : the optimizer's averaging constants for the gradient and the Hessian
-    test_chunk : test points evaluated at a time
 
     Returns
     -------
@@ -311,97 +316,123 @@ def train_adahessian(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if len(config.snapshot_steps):
-        raise ValueError("train_adahessian does not keep snapshots; leave snapshot_steps empty")
+        raise ValueError(
+            "train_adahessian does not keep snapshots; leave snapshot_steps empty")
     if not isinstance(params, Params):
         raise TypeError(f"params must be Params, got {type(params).__name__}")
     if not isinstance(X_train, torch.Tensor) or X_train.ndim != 3:
-        raise ValueError(f"X_train must be a (G, N, dx) tensor, got {getattr(X_train, 'shape', X_train)!r}")
+        got = getattr(X_train, "shape", X_train)
+        raise ValueError(f"X_train must be a (G, N, dx) tensor, got {got!r}")
     G, N, dx = X_train.shape
     M = params.grid[1]
     if params.grid[0] != G or params.dim != dx:
         raise ValueError(
-            f"params grid {params.grid} with input dimension {params.dim} does not match "
-            f"X_train of shape {tuple(X_train.shape)}"
+            f"params grid {params.grid} with input dimension {params.dim} does not "
+            f"match X_train of shape {tuple(X_train.shape)}"
         )
     if not isinstance(y_train, torch.Tensor) or y_train.shape != (G, M, N):
-        raise ValueError(f"y_train must have shape {(G, M, N)}, got {getattr(y_train, 'shape', y_train)!r}")
+        got = getattr(y_train, "shape", y_train)
+        raise ValueError(f"y_train must have shape {(G, M, N)}, got {got!r}")
     if (X_test is None) != (y_test is None):
         raise ValueError("give both X_test and y_test, or neither")
-    if X_test is not None and (X_test.ndim != 3 or X_test.shape[0] != G or X_test.shape[2] != dx
-                               or y_test.shape != (G, M, X_test.shape[1])):
+    if X_test is not None and (
+            X_test.ndim != 3 or X_test.shape[0] != G or X_test.shape[2] != dx
+            or y_test.shape != (G, M, X_test.shape[1])):
         raise ValueError(
-            f"X_test must be (G={G}, n_test, dx={dx}) and y_test (G, M={M}, n_test), got "
-            f"{tuple(X_test.shape)} and {tuple(y_test.shape)}"
+            f"X_test must be (G={G}, n_test, dx={dx}) and y_test (G, M={M}, n_test), "
+            f"got {tuple(X_test.shape)} and {tuple(y_test.shape)}"
         )
     runs = _power_runs(hessian_power, M)
     dtype = X_train.dtype
-    # Parameters are kept model-major, (M, G, ...), with W1 and b1 side by side in
-    # A = [W1 | b1]: a run of models with one power is then one contiguous view, and
-    # the optimizer's parameter groups are views of the grid (its update is
-    # elementwise, so how the tensors are cut does not change it).
-    W1, b1, W2, b2 = (t.to(dtype) for t in params.tensors())
-    A = torch.cat([W1, b1.unsqueeze(-1)], dim=-1)
-    state = [t.transpose(0, 1).clone(memory_format=torch.contiguous_format)
-             for t in (A, W2, b2)]
-    grads = [torch.zeros_like(t) for t in state]
-    hess = [torch.zeros_like(t) for t in state]
-    groups = [{"params": [t[m0:m1] for t in state], "hessian_power": k} for m0, m1, k in runs]
-    opt = RelaxedAdaHessian(groups, lr=config.lr, betas=betas)
-    hess_views = []
-    for (m0, m1, _), group in zip(runs, opt.param_groups):
-        for p, g, h in zip(group["params"], grads, hess):
-            p.grad = g[m0:m1]
-            hess_views.append(h[m0:m1])
-
-    steps = config.schedule()
-    log_at = {int(t): i for i, t in enumerate(steps)}
-    train_loss = torch.full((G, M, len(steps)), float("nan"), dtype=dtype)
-    test_loss = None if X_test is None else torch.full_like(train_loss, float("nan"))
-    diverged_at = torch.full((G, M), -1, dtype=torch.long)
-    run = _Run(config, _with_ones(X_train), y_train.to(dtype), X_test, y_test, state, grads,
-               hess, opt, hess_views, generator(seed, "adahessian-probe"), log_at,
-               train_loss, test_loss, diverged_at, test_chunk)
-    # As in spectral_precond.train: on the CPU, chunks of models go to worker threads
-    # that each run single-threaded operations.
+    seeds = [seed] * G if isinstance(seed, (int, np.integer)) else list(seed)
+    if len(seeds) != G or not all(isinstance(s, (int, np.integer)) for s in seeds):
+        raise ValueError(
+            f"seed must be an int or one int per group ({G}), got {seed!r}")
+    gens = probe_generators(seeds)
+    # As in spectral_precond.train: on the CPU, blocks of groups go to worker threads
+    # that each run single-threaded operations, and each block is a run of its own
+    # (its own optimizer and probe generators), so that nothing is shared per step.
     threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+    blocks = [b.tolist() for b in np.array_split(np.arange(G), min(threads, G))]
+
+    def part(t, block):
+        return None if t is None else t[block[0] : block[-1] + 1].to(dtype)
+
+    parts = [
+        _Run(config, part(X_train, b), part(y_train, b),
+             Params(*(part(t, b) for t in params.tensors())), runs, part(X_test, b),
+             part(y_test, b), gens[b[0] : b[-1] + 1], betas)
+        for b in blocks
+    ]
     torch.set_num_threads(1)
     try:
-        run.train(pool)
+        if len(parts) == 1:
+            parts[0].train()
+        else:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                for future in [pool.submit(r.train) for r in parts]:
+                    future.result()
     finally:
         torch.set_num_threads(threads)
-        if pool is not None:
-            pool.shutdown()
-    A, W2, b2 = (t.transpose(0, 1) for t in state)
-    final = Params(A[..., :dx].contiguous(), A[..., dx].contiguous(), W2.contiguous(),
-                   b2.contiguous())
-    return TrainResult(steps=steps, train_loss=train_loss, test_loss=test_loss,
-                       params=final, diverged_at=diverged_at)
+    finals = [r.params() for r in parts]
+    final = Params(*(torch.cat([getattr(f, k) for f in finals]).contiguous()
+                     for k in ("W1", "b1", "W2", "b2")))
+    return TrainResult(
+        steps=parts[0].steps,
+        train_loss=torch.cat([r.train_loss for r in parts]),
+        test_loss=None if X_test is None else torch.cat([r.test_loss for r in parts]),
+        params=final, diverged_at=torch.cat([r.diverged_at for r in parts]),
+    )
 
 
 class _Run:
-    """The state of one call to :func:`train_adahessian` and its steps.
+    """Some groups of models of one call to :func:`train_adahessian`, and their steps.
 
-    ``state``, ``grads`` and ``hess`` hold ``[A, W2, b2]`` in the ``(M, G, ...)``
-    layout; the optimizer's parameters, gradients and Hessian estimates are views of
-    them, filled in place chunk by chunk.
+    Parameters are kept model-major, ``(M, G, ...)``, with ``W1`` and ``b1`` side by
+    side in ``A = [W1 | b1]``: a run of models with one power is then one contiguous
+    view, and the optimizer's parameter groups, gradients and Hessian estimates are
+    views of ``state``, ``grads`` and ``hess``, filled in place chunk by chunk (the
+    update is elementwise, so how the tensors are cut does not change it).
     """
 
-    def __init__(self, config, X1t, y, X_test, y_test, state, grads, hess, opt, hess_views,
-                 probe_gen, log_at, train_loss, test_loss, diverged_at, test_chunk):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-        M, G, dh, dx1 = state[0].shape
-        self.shape = (G, M, dh, dx1 - 1)
-        self.jobs = _chunks(G, M, dh, X1t.shape[2], X1t.element_size())
-        self.decay = config.weight_decay / X1t.shape[2]
-        self.loss = torch.empty(G, M, dtype=X1t.dtype)
+    def __init__(self, config, X, y, params, runs, X_test, y_test, gens, betas):
+        G, M = params.grid
+        dh, dx = params.width, params.dim
+        self.config, self.shape, self.gens = config, (G, M, dh, dx), gens
+        self.X1t, self.y = _with_ones(X), y
+        self.X1t_test = None if X_test is None else _with_ones(X_test)
+        self.y_test = y_test
+        A = torch.cat([params.W1, params.b1.unsqueeze(-1)], dim=-1)
+        self.state = [t.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+                      for t in (A, params.W2, params.b2)]
+        self.grads = [torch.zeros_like(t) for t in self.state]
+        self.hess = [torch.zeros_like(t) for t in self.state]
+        groups = [{"params": [t[m0:m1] for t in self.state], "hessian_power": k}
+                  for m0, m1, k in runs]
+        self.opt = RelaxedAdaHessian(groups, lr=config.lr, betas=betas)
+        self.hess_views = []
+        for (m0, m1, _), group in zip(runs, self.opt.param_groups):
+            for p, g, h in zip(group["params"], self.grads, self.hess):
+                p.grad = g[m0:m1]
+                self.hess_views.append(h[m0:m1])
+        self.steps = config.schedule()
+        self.log_at = {int(t): i for i, t in enumerate(self.steps)}
+        nan = float("nan")
+        self.train_loss = torch.full((G, M, len(self.steps)), nan, dtype=X.dtype)
+        self.test_loss = None
+        if X_test is not None:
+            self.test_loss = torch.full_like(self.train_loss, nan)
+        self.diverged_at = torch.full((G, M), -1, dtype=torch.long)
+        self.jobs = _chunks(G, M, dh, X.shape[1], X.element_size())
+        self.decay = config.weight_decay / X.shape[1]
+        self.loss = torch.empty(G, M, dtype=X.dtype)
 
     def chunk(self, g, m0, m1, probe):
         sl = (slice(m0, m1), g)
         A, W2, b2 = (t[sl] for t in self.state)
-        v = None if probe is None else tuple(t[g, m0:m1] for t in probe)
-        loss, grad, hvp = _products(A, W2, b2, self.X1t[g], self.y[g, m0:m1], v, self.decay)
+        v = None if probe is None else tuple(t[m0:m1] for t in probe[g])
+        loss, grad, hvp = _products(A, W2, b2, self.X1t[g], self.y[g, m0:m1], v,
+                                    self.decay)
         self.loss[g, m0:m1] = loss
         if probe is None:
             return
@@ -410,20 +441,42 @@ class _Run:
         for target, value, direction in zip(self.hess, hvp, v):
             torch.mul(value, direction, out=target[sl])      # Hutchinson: v * (H v)
 
+    @torch.no_grad()
+    def test_mse(self) -> torch.Tensor:
+        """``(G, M)`` mean squared error on the test set, in cache-sized pieces."""
+        A, W2, b2 = self.state
+        M, G, dh, dx1 = A.shape
+        n = self.X1t_test.shape[2]
+        width = max(1, EVAL_CHUNK_BYTES // (M * dh * A.element_size()))
+        buffer = _buffers(M * dh, width, A.dtype)[0].view(-1)
+        total = torch.zeros(G, M, dtype=A.dtype)
+        for g in range(G):
+            A2 = A[:, g].reshape(M * dh, dx1)
+            for s in range(0, n, width):
+                X1t = self.X1t_test[g][:, s : s + width]
+                out = buffer[: M * dh * X1t.shape[1]].view(M * dh, -1)
+                H = torch.mm(A2, X1t, out=out).clamp_min_(0.0)
+                f = torch.bmm(W2[:, g].unsqueeze(1), H.view(M, dh, -1)).squeeze(1)
+                r = f + b2[:, g].unsqueeze(-1) - self.y_test[g, :, s : s + width]
+                total[g] += torch.linalg.vecdot(r, r)
+        return total / n
+
     def params(self) -> Params:
         A, W2, b2 = (t.transpose(0, 1) for t in self.state)
         dx = self.shape[3]
         return Params(A[..., :dx], A[..., dx], W2, b2)
 
-    def train(self, pool):
+    def train(self):
         config, (G, M, dh, dx) = self.config, self.shape
         active = torch.ones(G, M, dtype=torch.bool)
         frozen, limit = None, None
         for t in range(config.n_steps + 1):
             probe = None
             if t < config.n_steps:
-                probe = _draw_probe(G, M, dh, dx, self.probe_gen, self.X1t.dtype)
-            _run_chunks(lambda g, m0, m1: self.chunk(g, m0, m1, probe), self.jobs, pool)
+                dtype = self.X1t.dtype
+                probe = [_draw_probe(M, dh, dx, gen, dtype) for gen in self.gens]
+            for job in self.jobs:
+                self.chunk(*job, probe)
             loss = self.loss
             if limit is None:
                 limit = config.divergence_factor * loss.clamp_min(1.0)
@@ -435,8 +488,8 @@ class _Run:
             if t in self.log_at:
                 i = self.log_at[t]
                 self.train_loss[:, :, i] = loss.masked_fill(~active, float("nan"))
-                if self.X_test is not None:
-                    test = _test_mse(self.params(), self.X_test, self.y_test, self.test_chunk)
+                if self.X1t_test is not None:
+                    test = self.test_mse()
                     self.test_loss[:, :, i] = test.masked_fill(~active, float("nan"))
             if t == config.n_steps:
                 break
@@ -446,17 +499,3 @@ class _Run:
                 dead = ~active.transpose(0, 1)
                 for x, f in zip(self.state, frozen):
                     x[dead] = f[dead]
-
-
-@torch.no_grad()
-def _test_mse(params: Params, X: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``(G, M)`` mean squared error on ``X: (G, n, dx)``, ``y: (G, M, n)``."""
-    W1, b1, W2, b2 = params.tensors()
-    total = torch.zeros(params.grid, dtype=X.dtype)
-    n = X.shape[1]
-    for s in range(0, n, chunk):
-        Xc = X[:, s : s + chunk].to(W1.dtype)
-        Z = torch.matmul(W1, Xc.transpose(1, 2).unsqueeze(1)) + b1.unsqueeze(-1)
-        f = (W2.unsqueeze(-2) @ Z.clamp_min_(0.0)).squeeze(-2) + b2.unsqueeze(-1)
-        total += (f - y[..., s : s + chunk].to(f.dtype)).square().sum(-1)
-    return total / n

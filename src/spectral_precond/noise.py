@@ -32,7 +32,7 @@ VERDICT_WORDS = ("reproduced", "mixed", "not reproduced")
 
 @dataclass
 class RunGrid:
-    """Losses of a selection of the label-noise runs, indexed ``[case, seed, p, snr, step]``.
+    """Losses of some label-noise runs, indexed ``[case, seed, p, snr, step]``.
 
     ``steps: (L,)`` are absolute (a continuation counts from the start of the
     original runs); ``cases``, ``seeds``, ``ps``, ``snrs`` list the values selected;
@@ -60,7 +60,8 @@ def _select(name: str, available: Sequence, wanted) -> list[int]:
     for w in wanted:
         hits = [i for i, a in enumerate(available) if a == w]
         if not hits:
-            raise ValueError(f"{name} {w!r} is not in the sweep; available: {list(available)}")
+            raise ValueError(
+                f"{name} {w!r} is not in the sweep; available: {list(available)}")
         index.append(hits[0])
     return index
 
@@ -77,12 +78,15 @@ class _Selection:
 
     @classmethod
     def make(cls, sweep, cases, seeds, ps, snrs):
+        def floats(values):
+            return None if values is None else [float(v) for v in values]
+
         return cls(
             sweep,
             tuple(_select("case", [c.name for c in sweep.cases], cases)),
             tuple(_select("seed", sweep.seeds, seeds)),
-            tuple(_select("p", sweep.ps, None if ps is None else [float(p) for p in ps])),
-            tuple(_select("snr", sweep.snrs, None if snrs is None else [float(s) for s in snrs])),
+            tuple(_select("p", sweep.ps, floats(ps))),
+            tuple(_select("snr", sweep.snrs, floats(snrs))),
         )
 
     @property
@@ -91,8 +95,9 @@ class _Selection:
 
     def describe(self) -> dict:
         sw = self.sweep
-        return {"units": [sw.unit_description(c, sw.seeds[s]) for c in self.ci for s in self.si],
-                "ps": [sw.ps[i] for i in self.pi], "snrs": [str(sw.snrs[i]) for i in self.ri]}
+        units = [sw.unit_description(c, sw.seeds[s]) for c in self.ci for s in self.si]
+        return {"units": units, "ps": [sw.ps[i] for i in self.pi],
+                "snrs": [str(sw.snrs[i]) for i in self.ri]}
 
     def tensors(self):
         """Inputs, labels and preconditioners of the selected models as (G, M) grids."""
@@ -106,7 +111,8 @@ class _Selection:
                 Xt.append(data.X_test)
                 y.append(data.y_train[ri].repeat(len(pi), 1))          # models (p, snr)
                 yt.append(data.y_test[ri].repeat(len(pi), 1))
-                Ps.append(sw.preconditioners(c, data)[pi].repeat_interleave(len(ri), dim=0))
+                P = sw.preconditioners(c, data)[pi]
+                Ps.append(P.repeat_interleave(len(ri), dim=0))
         dtype = {"float32": torch.float32, "float64": torch.float64}[sw.dtype]
         return [torch.stack(t).to(dtype) for t in (X, y, Xt, yt, Ps)]
 
@@ -121,7 +127,8 @@ class _Selection:
 
         return RunGrid(
             steps=np.asarray(out.steps), cases=tuple(sw.cases[c].name for c in self.ci),
-            seeds=tuple(sw.seeds[s] for s in self.si), ps=tuple(sw.ps[p] for p in self.pi),
+            seeds=tuple(sw.seeds[s] for s in self.si),
+            ps=tuple(sw.ps[p] for p in self.pi),
             snrs=tuple(sw.snrs[r] for r in self.ri), train_loss=arr(out.train_loss),
             test_loss=arr(out.test_loss), diverged=dead, params=out.params,
         )
@@ -170,9 +177,11 @@ def continue_runs(
         raise TypeError(f"result must be a SweepResult, got {type(result).__name__}")
     positive_int("n_steps", n_steps)
     sel = _Selection.make(result.sweep, cases, seeds, ps, snrs)
-    config = replace(result.sweep.config, n_steps=n_steps, n_log=n_log, snapshot_steps=(),
+    config = replace(result.sweep.config, n_steps=n_steps, n_log=n_log,
+                     snapshot_steps=(),
                      log_steps=None if log_steps is None else list(log_steps))
-    desc = {"kind": "label-noise-continuation", **sel.describe(), "config": asdict(config)}
+    desc = {"kind": "label-noise-continuation", **sel.describe(),
+            "config": asdict(config)}
     (grid,), _ = run_units(_continue, [(desc, (result, sel, config))], _store(store),
                            description="continued runs")
     return grid
@@ -208,17 +217,21 @@ def adahessian_runs(
 
     Same data, labels and initial parameters as the sweep's runs of exact
     preconditioning (the sweep must use ``init="kaiming"``), trained by
-    :func:`spectral_precond.adahessian.train_adahessian` with ``config``; the result
-    is stored like a sweep's units.
+    :func:`spectral_precond.adahessian.train_adahessian` with ``config`` (the
+    Hutchinson probes of a unit come from its own stream, seeded by its seed, so a
+    unit's result does not depend on which other units are selected); the result is
+    stored like a sweep's units.
     """
     if not isinstance(sweep, Sweep):
         raise TypeError(f"sweep must be a Sweep, got {type(sweep).__name__}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if sweep.init != "kaiming":
-        raise ValueError(f"AdaHessian runs start from the kaiming init, got init={sweep.init!r}")
+        raise ValueError(
+            f"AdaHessian runs start from the kaiming init, got init={sweep.init!r}")
     sel = _Selection.make(sweep, cases, seeds, ps, snrs)
-    desc = {"kind": "label-noise-adahessian", **sel.describe(), "config": asdict(config)}
+    desc = {"kind": "label-noise-adahessian", **sel.describe(),
+            "config": asdict(config)}
     (grid,), _ = run_units(_adahessian, [(desc, (sel, config))], _store(store),
                            description="AdaHessian runs")
     return grid
@@ -231,7 +244,8 @@ def _adahessian(sel: _Selection, config: TrainConfig) -> RunGrid:
     seeds = np.array([[sw.seeds[s]] * (n_p * n_r) for _ in sel.ci for s in sel.si])
     init = kaiming_init(seeds, X.shape[2], sw.width, sw.init_scale).to(X.dtype)
     powers = [-sw.ps[p] for p in sel.pi for _ in sel.ri]
-    out = train_adahessian(X, y, init, powers, config, Xt, yt, seed=sw.seeds[sel.si[0]])
+    unit_seeds = [sw.seeds[s] for _ in sel.ci for s in sel.si]
+    out = train_adahessian(X, y, init, powers, config, Xt, yt, seed=unit_seeds)
     return sel.grid(out, np.zeros(sel.shape, dtype=bool))
 
 
@@ -244,7 +258,7 @@ def preconditioned_sharpness(
     n_iter: int = 30,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Largest eigenvalue of the loss Hessian in the metric of the preconditioned update.
+    """Largest eigenvalue of the loss Hessian in the metric of the update's ``P``.
 
     The update ``theta <- theta - lr * Ptilde grad L`` (``Ptilde`` = ``P`` on the
     right of ``W1``, identity elsewhere) is linearly stable near a point only while
@@ -342,7 +356,8 @@ class PeriodTwo:
     mean: np.ndarray
 
 
-def period_two(losses, min_amplitude: float = 1e-4, min_alternation: float = 0.9) -> PeriodTwo:
+def period_two(losses, min_amplitude: float = 1e-4,
+               min_alternation: float = 0.9) -> PeriodTwo:
     """Detect a period-2 oscillation in losses recorded at consecutive steps.
 
     Parameters
@@ -358,7 +373,9 @@ def period_two(losses, min_amplitude: float = 1e-4, min_alternation: float = 0.9
     """
     arr = np.asarray(losses, dtype=float)
     if arr.ndim < 1 or arr.shape[-1] < 4 or arr.shape[-1] % 2:
-        raise ValueError(f"losses need an even number >= 4 of steps on the last axis, got {arr.shape}")
+        raise ValueError(
+            "losses need an even number >= 4 of steps on the last axis, got "
+            f"{arr.shape}")
     min_amplitude = finite_real("min_amplitude", min_amplitude)
     min_alternation = finite_real("min_alternation", min_alternation)
     W = arr.shape[-1]
@@ -369,8 +386,10 @@ def period_two(losses, min_amplitude: float = 1e-4, min_alternation: float = 0.9
     d = np.sign(np.diff(arr, axis=-1))
     alternation = (d[..., 1:] * d[..., :-1] < 0).mean(-1)
     finite = np.isfinite(arr).all(-1)
-    oscillating = finite & (amplitude > min_amplitude) & (alternation >= min_alternation)
-    return PeriodTwo(amplitude=amplitude, alternation=np.where(finite, alternation, np.nan),
+    alternates = alternation >= min_alternation
+    oscillating = finite & (amplitude > min_amplitude) & alternates
+    return PeriodTwo(amplitude=amplitude,
+                     alternation=np.where(finite, alternation, np.nan),
                      oscillating=oscillating, mean=mean)
 
 
@@ -386,10 +405,12 @@ def spearman(x: Sequence[float], values) -> np.ndarray:
     if x.ndim != 1 or x.size < 3 or np.unique(x).size != x.size:
         raise ValueError(f"x must hold at least 3 distinct values, got {x.tolist()}")
     if v.shape[-1] != x.size:
-        raise ValueError(f"values must have {x.size} entries on the last axis, got {v.shape}")
+        raise ValueError(
+            f"values must have {x.size} entries on the last axis, got {v.shape}")
     v = np.where(np.isnan(v), np.inf, v)
     rx = np.argsort(np.argsort(x)).astype(float)
-    rv = np.argsort(np.argsort(v, axis=-1, kind="stable"), axis=-1, kind="stable").astype(float)
+    order = np.argsort(v, axis=-1, kind="stable")
+    rv = np.argsort(order, axis=-1, kind="stable").astype(float)
     rx -= rx.mean()
     rv -= rv.mean(-1, keepdims=True)
     return (rv * rx).sum(-1) / np.sqrt((rx**2).sum() * (rv**2).sum(-1))
@@ -426,9 +447,11 @@ def ordering_verdict(rho, expected_sign: int, margin: float = 0.5):
     if r.ndim != 2 or r.shape[0] < 1:
         raise ValueError(f"rho must have shape (seeds, conditions), got {r.shape}")
     mean = r.mean(0)
-    sem = r.std(0, ddof=1) / np.sqrt(r.shape[0]) if r.shape[0] > 1 else np.full(r.shape[1], np.nan)
+    sem = np.full(r.shape[1], np.nan)
+    if r.shape[0] > 1:
+        sem = r.std(0, ddof=1) / np.sqrt(r.shape[0])
     holds = expected_sign * mean >= margin
-    verdict = ("reproduced" if holds.all() else "mixed" if holds.any() else "not reproduced")
+    verdict = count_verdict(int(holds.sum()), holds.size)
     return verdict, holds, mean, sem
 
 
