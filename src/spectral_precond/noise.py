@@ -326,6 +326,20 @@ def sweep_sharpness(result: SweepResult, n_iter: int = 30) -> np.ndarray:
     C, S, n_p, R = sw.shape
     out = np.full((C, S, n_p, R), np.nan)
     dtype = {"float32": torch.float32, "float64": torch.float64}[sw.dtype]
+    threads = torch.get_num_threads()
+    # The products are small: one thread is as fast, and does not spin-wait when the
+    # machine is busy.
+    torch.set_num_threads(1)
+    try:
+        _unit_sharpness(result, out, dtype, n_iter)
+    finally:
+        torch.set_num_threads(threads)
+    return np.where(result.diverged_at >= 0, np.nan, out)
+
+
+def _unit_sharpness(result: SweepResult, out: np.ndarray, dtype, n_iter: int) -> None:
+    sw = result.sweep
+    C, S, n_p, R = sw.shape
     for c in range(C):
         for k, seed in enumerate(sw.seeds):
             data = sw.data(c, seed)
@@ -337,7 +351,6 @@ def sweep_sharpness(result: SweepResult, n_iter: int = 30) -> np.ndarray:
             lam = preconditioned_sharpness(params, data.X_train[None].to(dtype), y, P,
                                            sw.config.weight_decay, n_iter, seed)
             out[c, k] = lam.reshape(n_p, R).numpy()
-    return np.where(result.diverged_at >= 0, np.nan, out)
 
 
 @dataclass(frozen=True)
