@@ -64,7 +64,11 @@ def memory_bandwidth(mib: int = 512) -> float:
 
 
 def step_flops(width: int, n_train: int, dx: int) -> float:
-    """Floating-point operations of one training step of one model, as implemented."""
+    """Floating-point operations of one training step of one model: the useful work.
+
+    The trainer pads the ``dx + 1`` input columns with zeros (to 12 for dx = 10);
+    the products with those zeros are not counted.
+    """
     forward = 2 * width * n_train * (dx + 1)         # Z = [W1 | b1] [X | 1]^T
     head = 2 * width * n_train                       # f = W2 relu(Z)
     backward = 2 * width * n_train * (dx + 1)        # 1[Z > 0] (d * [X | 1])

@@ -1,6 +1,6 @@
 """The paper-sized sweep in one batched run, against the authors'-style loop.
 
-    python benchmarks/sweep.py [--seeds 5] [--steps 10000] [--baseline-configs 2]
+    python benchmarks/sweep.py [--seeds 5] [--steps 10000] [--baseline-configs 3]
     python benchmarks/sweep.py --device cuda     # the sweep alone, on a GPU
 
 Trains 5 p x 2 cases x 6 SNR x 5 seeds = 300 configurations for 10,000 full-batch
@@ -50,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=PAPER["n_steps"])
-    ap.add_argument("--baseline-configs", type=int, default=2)
+    ap.add_argument("--baseline-configs", type=int, default=3)
     ap.add_argument("--every-step-steps", type=int, default=1000)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the sweep only)")
     args = ap.parse_args()

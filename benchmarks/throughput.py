@@ -1,11 +1,12 @@
 """Throughput of the batched trainer against this machine's roofline.
 
-    python benchmarks/throughput.py [--steps 300] [--models 1 8 64 256]
+    python benchmarks/throughput.py [--steps 300] [--models 1 8 64 256] [--rounds 3]
 
 Measures the float32 matrix-product peak and the memory bandwidth, then trains B
 models that share one data set (the paper's sizes: N = 200, width 500, dx = 10) and
 reports model-steps per second and the fraction of the roofline bound, the larger of
-FLOPs / peak and bytes / bandwidth. A profile of one run at 64 models (on one
+FLOPs / peak and bytes / bandwidth. It does so in several rounds, each measuring the
+peak again, and reports the medians. A profile of one run at 64 models (on one
 thread) shows where the time goes. Writes results/throughput.json.
 """
 
@@ -44,21 +45,40 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--models", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     info = machine()
-    peak, bandwidth = matmul_peak(), memory_bandwidth()
     dx, n_train, width = 10, PAPER["n_train"], PAPER["width"]
     flops, nbytes = step_flops(width, n_train, dx), step_bytes(width, n_train, dx)
-    bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # seconds per model-step
-    print(f"peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s; one model-step: "
+    # The clock of a shared or turbo-boosted CPU drifts: each round measures the peak
+    # and the bandwidth again, right before its throughput runs, and each round's
+    # fraction is taken against its own bound. The table gives the medians.
+    rounds = []
+    for k in range(args.rounds):
+        peak, bandwidth = matmul_peak(), memory_bandwidth()
+        bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # s per model-step
+        rates = {B: run(B, args.steps) for B in args.models}
+        rounds.append({"peak_gflops": peak, "bandwidth_gbs": bandwidth, "bound_s": bound,
+                       "rates": rates})
+        print(f"round {k + 1}: peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s, "
+              + ", ".join(f"{B}: {rate:.0f}" for B, rate in rates.items()) + " model-steps/s")
+    peak = float(np.median([r["peak_gflops"] for r in rounds]))
+    bandwidth = float(np.median([r["bandwidth_gbs"] for r in rounds]))
+    bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))
+    print(f"median peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s; one model-step: "
           f"{flops / 1e6:.2f} MFLOP, {nbytes / 1e3:.0f} kB -> roofline {1 / bound:.0f} model-steps/s")
     rows = []
     for B in args.models:
-        rate = run(B, args.steps)
+        rates = [r["rates"][B] for r in rounds]
+        fractions = [r["rates"][B] * r["bound_s"] for r in rounds]
+        rate = float(np.median(rates))
         rows.append({"models": B, "model_steps_per_s": rate, "gflops": rate * flops / 1e9,
-                     "roofline_fraction": rate * bound})
+                     "roofline_fraction": float(np.median(fractions)),
+                     "roofline_fraction_range": [min(fractions), max(fractions)],
+                     "model_steps_per_s_range": [min(rates), max(rates)]})
         print(f"{B:4d} models: {rate:8.0f} model-steps/s, {rate * flops / 1e9:5.1f} GFLOP/s, "
-              f"{100 * rate * bound:4.0f} % of roofline")
+              f"{100 * rows[-1]['roofline_fraction']:4.0f} % of roofline "
+              f"({100 * min(fractions):.0f} to {100 * max(fractions):.0f} % over {len(rounds)} rounds)")
 
     # The profiler records the calling thread only: profile one worker's share of the
     # work by running the chunks serially on one thread.
@@ -78,6 +98,7 @@ def main():
         "machine": info, "peak_gflops": peak, "bandwidth_gbs": bandwidth,
         "flops_per_model_step": flops, "bytes_per_model_step": nbytes,
         "roofline_model_steps_per_s": 1 / bound, "rows": rows, "profile_64_models": breakdown,
+        "rounds": [{**r, "rates": {str(B): v for B, v in r["rates"].items()}} for r in rounds],
     })
     print(f"-> {path}")
 

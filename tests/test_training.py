@@ -85,6 +85,42 @@ def test_test_loss_is_the_mse_of_the_logged_parameters():
     )
 
 
+@pytest.mark.parametrize("dx", [3, 5, 7])
+def test_input_dimensions_with_and_without_padding_match_the_reference(dx):
+    # dx + 1 = 4 and 8 need no padding; 6 is padded with two zero columns.
+    gen = sp.generator(11, "pad")
+    N, dh = 30, 16
+    X = torch.randn(1, N, dx, generator=gen, dtype=torch.float64)
+    y = torch.randn(1, 2, N, generator=gen, dtype=torch.float64)
+    B = torch.randn(dx, dx, generator=gen, dtype=torch.float64)
+    P = torch.stack([torch.eye(dx, dtype=torch.float64), B @ B.T / dx])
+    params = sp.kaiming_init(np.arange(2).reshape(1, 2), dx=dx, dh=dh, scale=0.5)
+    cfg = sp.TrainConfig(n_steps=25, lr=1e-2, weight_decay=1e-2, log_steps=list(range(26)))
+    result = sp.train(X, y, P, params, cfg)
+    for m in range(2):
+        losses, final = sp.reference_train(X[0], y[0, m], P[m], *params.model(0, m),
+                                           n_steps=25, lr=1e-2, weight_decay=1e-2)
+        torch.testing.assert_close(result.train_loss[0, m], losses, rtol=1e-12, atol=1e-12)
+        for got, want in zip(result.params.model(0, m), final):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunk_sizes_and_test_blocks_do_not_change_the_results(monkeypatch):
+    X, y, P, params = _batch([-1.0, -0.5, 0.0, 0.5, 1.0], seed=4)
+    Xt, yt = X.flip(1), y.flip(-1)
+    cfg = sp.TrainConfig(n_steps=20, log_steps=[0, 7, 20])
+    whole = sp.train(X, y, P, params, cfg, Xt, yt)
+    # Test-set blocks of 3 columns (the last one shorter), and chunks of 1, 2 and 3
+    # models (the last chunk of a group shorter).
+    monkeypatch.setattr(sp.training, "EVAL_CHUNK_BYTES", 3 * 24 * 8)
+    for chunk in (1, 2, 3):
+        parts = sp.train(X, y, P, params, cfg, Xt, yt, chunk_models=chunk)
+        torch.testing.assert_close(parts.train_loss, whole.train_loss, rtol=1e-13, atol=0)
+        torch.testing.assert_close(parts.test_loss, whole.test_loss, rtol=1e-13, atol=0)
+        for a, b in zip(parts.params.tensors(), whole.params.tensors()):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
 def test_initial_parameters_are_not_modified():
     X, y, P, params = _batch([1.0])
     before = params.clone()
@@ -96,7 +132,11 @@ def test_log_spaced_steps():
     steps = sp.log_spaced_steps(10_000, 100)
     assert steps[0] == 0 and steps[-1] == 10_000
     assert np.all(np.diff(steps) > 0)
-    assert 80 <= len(steps) <= 100
+    assert len(steps) == 100
+    # Log-spaced: the gaps never shrink, and the last ones are wide.
+    assert np.all(np.diff(np.diff(steps)) >= -1) and steps[-1] - steps[-2] > 100
+    assert sp.log_spaced_steps(7, 100).tolist() == list(range(8))
+    assert sp.log_spaced_steps(50, 2).tolist() == [0, 50]
     assert sp.TrainConfig(n_steps=10_000).schedule().tolist() == steps.tolist()
 
 
