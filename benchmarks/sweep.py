@@ -15,6 +15,7 @@ the bound set by the test forward pass alone. Writes results/sweep.json.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -64,9 +65,10 @@ def main():
     t0 = time.perf_counter()
     result = sp.train(X, y, P, params, config, Xt, yt)
     batched = time.perf_counter() - t0
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_models = G * M
     print(f"batched: {n_models} configurations x {args.steps} steps, "
-          f"{len(result.steps)} logged steps: {batched:.1f} s")
+          f"{len(result.steps)} logged steps: {batched:.1f} s, peak memory {peak_mib:.0f} MiB")
 
     # The authors'-style loop on a subset of the same configurations.
     picks = [(g, m) for g, m in [(0, 0), (G - 1, M - 1), (G // 2, M // 2)]][: args.baseline_configs]
@@ -108,6 +110,7 @@ def main():
         "steps": args.steps,
         "logged_steps": int(len(result.steps)),
         "batched_seconds": batched,
+        "batched_peak_rss_mib": peak_mib,
         "baseline_configs": [list(map(str, configs[g][m])) for g, m in picks],
         "baseline_seconds_each": baseline_times,
         "baseline_seconds_extrapolated": per_config * n_models,

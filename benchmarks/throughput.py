@@ -6,14 +6,19 @@ Measures the float32 matrix-product peak and the memory bandwidth, then trains B
 models that share one data set (the paper's sizes: N = 200, width 500, dx = 10) and
 reports model-steps per second and the fraction of the roofline bound, the larger of
 FLOPs / peak and bytes / bandwidth. It does so in several rounds, each measuring the
-peak again, and reports the medians. A profile of one run at 64 models (on one
+peak again, and reports the medians. Each round also trains 64 models split over
+one single-threaded process per core, which shows what the hardware gives without
+the cost of running Python threads side by side. A profile of one run at 64 models (on one
 thread) shows where the time goes. Writes results/throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +46,37 @@ def run(n_models: int, steps: int, **sizes) -> float:
     return n_models * steps / (time.perf_counter() - t0)
 
 
+CHILD = r"""
+import sys, time
+sys.path.insert(0, {here!r})
+import torch
+torch.set_num_threads(1)
+import spectral_precond as sp
+from throughput import batch
+X, y, P, params = batch({models})
+sp.train(X, y, P, params, sp.TrainConfig(n_steps=5, log_steps=[5]))
+time.sleep(max(0.0, {start_at} - time.time()))
+t0 = time.perf_counter()
+sp.train(X, y, P, params, sp.TrainConfig(n_steps={steps}, log_steps=[{steps}]))
+print({models} * {steps} / (time.perf_counter() - t0))
+"""
+
+
+def separate_processes(n_models: int, steps: int) -> float:
+    """Model-steps/s of ``n_models`` split over one single-threaded process per core.
+
+    The processes start their timed runs at the same moment. Set beside the worker
+    threads of one process, this separates what the hardware gives from what
+    running Python threads side by side costs.
+    """
+    cores = torch.get_num_threads()
+    code = CHILD.format(here=str(Path(__file__).resolve().parent), models=n_models // cores,
+                        steps=steps, start_at=time.time() + 15)
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+                for _ in range(cores)]
+    return sum(float(child.communicate()[0].strip().splitlines()[-1]) for child in children)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
@@ -58,10 +94,12 @@ def main():
         peak, bandwidth = matmul_peak(), memory_bandwidth()
         bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # s per model-step
         rates = {B: run(B, args.steps) for B in args.models}
+        processes = separate_processes(64, args.steps)
         rounds.append({"peak_gflops": peak, "bandwidth_gbs": bandwidth, "bound_s": bound,
-                       "rates": rates})
+                       "rates": rates, "processes_64": processes})
         print(f"round {k + 1}: peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s, "
-              + ", ".join(f"{B}: {rate:.0f}" for B, rate in rates.items()) + " model-steps/s")
+              + ", ".join(f"{B}: {rate:.0f}" for B, rate in rates.items()) + " model-steps/s"
+              + f"; 64 models in separate processes: {processes:.0f}")
     peak = float(np.median([r["peak_gflops"] for r in rounds]))
     bandwidth = float(np.median([r["bandwidth_gbs"] for r in rounds]))
     bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))
@@ -79,6 +117,15 @@ def main():
         print(f"{B:4d} models: {rate:8.0f} model-steps/s, {rate * flops / 1e9:5.1f} GFLOP/s, "
               f"{100 * rows[-1]['roofline_fraction']:4.0f} % of roofline "
               f"({100 * min(fractions):.0f} to {100 * max(fractions):.0f} % over {len(rounds)} rounds)")
+
+    processes = {
+        "model_steps_per_s": float(np.median([r["processes_64"] for r in rounds])),
+        "roofline_fraction": float(np.median([r["processes_64"] * r["bound_s"] for r in rounds])),
+        "threads": float(np.median([r["rates"][64] for r in rounds])) if 64 in args.models else None,
+    }
+    print(f"64 models, one single-threaded process per core: "
+          f"{processes['model_steps_per_s']:.0f} model-steps/s "
+          f"({100 * processes['roofline_fraction']:.0f} % of roofline)")
 
     # The profiler records the calling thread only: profile one worker's share of the
     # work by running the chunks serially on one thread.
@@ -98,6 +145,7 @@ def main():
         "machine": info, "peak_gflops": peak, "bandwidth_gbs": bandwidth,
         "flops_per_model_step": flops, "bytes_per_model_step": nbytes,
         "roofline_model_steps_per_s": 1 / bound, "rows": rows, "profile_64_models": breakdown,
+        "processes_64": processes,
         "rounds": [{**r, "rates": {str(B): v for B, v in r["rates"].items()}} for r in rounds],
     })
     print(f"-> {path}")

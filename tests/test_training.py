@@ -121,6 +121,23 @@ def test_chunk_sizes_and_test_blocks_do_not_change_the_results(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
 
 
+def test_test_set_blocks_share_one_buffer(monkeypatch):
+    # A test set of any size costs a chunk one block of activations, not one per block.
+    X, y, P, params = _batch([0.0, 1.0])
+    Xt = X.repeat(1, 10, 1)                     # 400 test points per group
+    monkeypatch.setattr(sp.training, "EVAL_CHUNK_BYTES", 2 * 24 * 8 * 16)   # 16 columns
+    cfg = sp.TrainConfig(n_steps=1, log_steps=[1])
+    run = sp.training._Run(X, y, P.contiguous(), params.clone(), cfg, cfg.schedule(), Xt,
+                           y.repeat(1, 1, 10), None)
+    chunk = next(run.chunks())
+    blocks, n = chunk.test_blocks()
+    assert n == 400 and len(blocks) == 25
+    for i in (2, 3):                            # the activation and output buffers
+        storages = {b[i].untyped_storage().data_ptr() for b in blocks}
+        assert len(storages) == 1
+        assert blocks[0][i].untyped_storage().nbytes() == blocks[0][i].numel() * 8
+
+
 def test_initial_parameters_are_not_modified():
     X, y, P, params = _batch([1.0])
     before = params.clone()

@@ -321,25 +321,31 @@ class _Chunk:
         return self.F.sub_(self.y)
 
     def test_blocks(self):
-        """The test inputs, labels and buffers cut into blocks of columns.
+        """The test inputs and labels cut into blocks of columns, and their buffers.
 
         Each block's activations take about ``EVAL_CHUNK_BYTES``; the input blocks are
-        made contiguous once, so that each block's product reads a dense matrix.
+        made contiguous once, so that each block's product reads a dense matrix. All
+        blocks share one activation buffer and one output buffer (a shorter last
+        block uses the start of them), so the test set costs the chunk no more
+        memory than one block.
         """
         if self._test_blocks is None:
             run = self.run
             X1t = run.X1t_test[self.g]
             y = run.y_test[self.slice]
             n = X1t.shape[1]
-            width = max(1, EVAL_CHUNK_BYTES // (self.c * run.dh * run.itemsize))
+            c, dh = self.c, run.dh
+            width = min(n, max(1, EVAL_CHUNK_BYTES // (c * dh * run.itemsize)))
+            Z = torch.empty(c * dh * width, dtype=X1t.dtype, device=X1t.device)
+            F = torch.empty(c * width, dtype=X1t.dtype, device=X1t.device)
             blocks = []
             for s in range(0, n, width):
-                e = min(n, s + width)
+                w = min(n, s + width) - s
                 blocks.append((
-                    X1t[:, s:e].contiguous(),
-                    y[:, s:e].unsqueeze(1).contiguous(),
-                    torch.empty(self.c * run.dh, e - s, dtype=X1t.dtype, device=X1t.device),
-                    torch.empty(self.c, 1, e - s, dtype=X1t.dtype, device=X1t.device),
+                    X1t[:, s:s + w].contiguous(),
+                    y[:, s:s + w].unsqueeze(1).contiguous(),
+                    Z[: c * dh * w].view(c * dh, w),
+                    F[: c * w].view(c, 1, w),
                 ))
             self._test_blocks = (blocks, n)
         return self._test_blocks
