@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
+import scipy.stats
 import torch
 
 from ._checks import finite_real, positive_int
@@ -24,7 +25,7 @@ from .adahessian import gradient_and_hvp, train_adahessian
 from .cache import Store, default_store, run_units
 from .networks import Params, kaiming_init
 from .seeding import generator
-from .sweeps import Sweep, SweepResult
+from .sweeps import DTYPES, Sweep, SweepResult
 from .training import TrainConfig, train
 
 VERDICT_WORDS = ("reproduced", "mixed", "not reproduced")
@@ -102,19 +103,9 @@ class _Selection:
     def tensors(self):
         """Inputs, labels and preconditioners of the selected models as (G, M) grids."""
         sw = self.sweep
-        pi, ri = torch.tensor(self.pi), torch.tensor(self.ri)
-        X, y, Xt, yt, Ps = [], [], [], [], []
-        for c in self.ci:
-            for s in self.si:
-                data = sw.data(c, sw.seeds[s])
-                X.append(data.X_train)
-                Xt.append(data.X_test)
-                y.append(data.y_train[ri].repeat(len(pi), 1))          # models (p, snr)
-                yt.append(data.y_test[ri].repeat(len(pi), 1))
-                P = sw.preconditioners(c, data)[pi]
-                Ps.append(P.repeat_interleave(len(ri), dim=0))
-        dtype = {"float32": torch.float32, "float64": torch.float64}[sw.dtype]
-        return [torch.stack(t).to(dtype) for t in (X, y, Xt, yt, Ps)]
+        units = [sw.unit_tensors(c, sw.seeds[s], self.pi, self.ri)
+                 for c in self.ci for s in self.si]
+        return [torch.stack(t).to(DTYPES[sw.dtype]) for t in zip(*units)]
 
     def grid(self, out, dead) -> RunGrid:
         sw = self.sweep
@@ -325,7 +316,7 @@ def sweep_sharpness(result: SweepResult, n_iter: int = 30) -> np.ndarray:
     sw = result.sweep
     C, S, n_p, R = sw.shape
     out = np.full((C, S, n_p, R), np.nan)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[sw.dtype]
+    dtype = DTYPES[sw.dtype]
     threads = torch.get_num_threads()
     # The products are small: one thread is as fast, and does not spin-wait when the
     # machine is busy.
@@ -342,14 +333,13 @@ def _unit_sharpness(result: SweepResult, out: np.ndarray, dtype, n_iter: int) ->
     C, S, n_p, R = sw.shape
     for c in range(C):
         for k, seed in enumerate(sw.seeds):
-            data = sw.data(c, seed)
-            P = sw.preconditioners(c, data).repeat_interleave(R, dim=0)[None].to(dtype)
+            X, y, _, _, P = sw.unit_tensors(c, seed)
             grid = result.params(c, k)
             params = Params(*(t.reshape(1, n_p * R, *t.shape[2:]).to(dtype)
                               for t in grid.tensors()))
-            y = data.y_train.repeat(n_p, 1)[None].to(dtype)
-            lam = preconditioned_sharpness(params, data.X_train[None].to(dtype), y, P,
-                                           sw.config.weight_decay, n_iter, seed)
+            lam = preconditioned_sharpness(params, X[None].to(dtype), y[None].to(dtype),
+                                           P[None].to(dtype), sw.config.weight_decay,
+                                           n_iter, seed)
             out[c, k] = lam.reshape(n_p, R).numpy()
 
 
@@ -421,9 +411,8 @@ def spearman(x: Sequence[float], values) -> np.ndarray:
         raise ValueError(
             f"values must have {x.size} entries on the last axis, got {v.shape}")
     v = np.where(np.isnan(v), np.inf, v)
-    rx = np.argsort(np.argsort(x)).astype(float)
-    order = np.argsort(v, axis=-1, kind="stable")
-    rv = np.argsort(order, axis=-1, kind="stable").astype(float)
+    rx = scipy.stats.rankdata(x)
+    rv = scipy.stats.rankdata(v, axis=-1, method="ordinal")
     rx -= rx.mean()
     rv -= rv.mean(-1, keepdims=True)
     return (rv * rx).sum(-1) / np.sqrt((rx**2).sum() * (rv**2).sum(-1))

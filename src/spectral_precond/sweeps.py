@@ -172,6 +172,21 @@ class Sweep:
             return torch.stack([population_power(self.cases[case].inputs, p) for p in self.ps])
         return torch.stack([empirical_power(data.X_train, p, self.damping) for p in self.ps])
 
+    def unit_tensors(self, case: int, seed: int, p_index: Sequence[int] | None = None,
+                     snr_index: Sequence[int] | None = None):
+        """One unit's models laid out as the sweep trains them, in ``(p, snr)`` order.
+
+        Returns ``X_train: (N, dx)``, ``y_train: (M, N)``, ``X_test: (n, dx)``,
+        ``y_test: (M, n)`` and ``P: (M, dx, dx)`` (float64), with ``M`` the number of
+        selected powers times selected SNRs (all of them by default).
+        """
+        data = self.data(case, seed)
+        pi = list(range(len(self.ps))) if p_index is None else list(p_index)
+        ri = list(range(len(self.snrs))) if snr_index is None else list(snr_index)
+        P = self.preconditioners(case, data)[pi].repeat_interleave(len(ri), dim=0)
+        return (data.X_train, data.y_train[ri].repeat(len(pi), 1), data.X_test,
+                data.y_test[ri].repeat(len(pi), 1), P)
+
     def unit_description(self, case: int, seed: int) -> dict:
         """Everything that decides the result of one unit (the cache key's input)."""
         c = self.cases[case]
@@ -193,24 +208,18 @@ class Sweep:
 
 def _run_unit(sweep: Sweep, case: int, seed: int) -> dict:
     """Train the models of one unit; plain tensors on the CPU, ready to store."""
-    data = sweep.data(case, seed)
+    X, y, X_test, y_test, P_models = sweep.unit_tensors(case, seed)
     n_p, n_snr = len(sweep.ps), len(sweep.snrs)
-    P = sweep.preconditioners(case, data)                     # (n_p, dx, dx)
-    P_models = P.repeat_interleave(n_snr, dim=0)              # models ordered (p, snr)
     seeds = np.full((1, n_p * n_snr), seed)
     if sweep.init == "kaiming":
-        params = kaiming_init(seeds, data.X_train.shape[1], sweep.width, sweep.init_scale)
+        params = kaiming_init(seeds, X.shape[1], sweep.width, sweep.init_scale)
     else:
         params = p_isotropic_init(seeds, P_models.unsqueeze(0), sweep.width, sweep.init_scale)
     device, dtype = torch.device(sweep.device), DTYPES[sweep.dtype]
     result = train(
-        data.X_train.unsqueeze(0).to(device),
-        data.y_train.repeat(n_p, 1).unsqueeze(0).to(device),
-        P_models.unsqueeze(0).to(device, dtype),
-        params.to(dtype, device),
-        sweep.config,
-        data.X_test.unsqueeze(0).to(device),
-        data.y_test.repeat(n_p, 1).unsqueeze(0).to(device),
+        X.unsqueeze(0).to(device), y.unsqueeze(0).to(device),
+        P_models.unsqueeze(0).to(device, dtype), params.to(dtype, device), sweep.config,
+        X_test.unsqueeze(0).to(device), y_test.unsqueeze(0).to(device),
     )
 
     def grid(t):
