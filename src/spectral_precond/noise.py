@@ -412,7 +412,7 @@ def spearman(x: Sequence[float], values) -> np.ndarray:
             f"values must have {x.size} entries on the last axis, got {v.shape}")
     v = np.where(np.isnan(v), np.inf, v)
     rx = scipy.stats.rankdata(x)
-    rv = scipy.stats.rankdata(v, axis=-1, method="ordinal")
+    rv = scipy.stats.rankdata(v, axis=-1, method="ordinal").astype(float)
     rx -= rx.mean()
     rv -= rv.mean(-1, keepdims=True)
     return (rv * rx).sum(-1) / np.sqrt((rx**2).sum() * (rv**2).sum(-1))
