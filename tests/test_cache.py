@@ -28,7 +28,10 @@ def test_keys_include_the_library_fingerprint(monkeypatch):
     assert cache.config_key({"a": 1}) != key
 
 
-def test_a_result_depends_on_its_module_and_what_it_imports_only(tmp_path, monkeypatch):
+def test_a_result_depends_on_its_module_and_what_it_imports_only(tmp_path, monkeypatch,
+                                                                 request):
+    # Fingerprints of the temporary copy must not outlive the test, even if it fails.
+    request.addfinalizer(cache.library_fingerprint.cache_clear)
     closure = cache.module_closure("sweeps")
     assert {"sweeps", "training", "data", "networks", "preconditioners"} <= set(closure)
     assert "plotting" not in closure and "results" not in closure

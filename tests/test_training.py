@@ -110,10 +110,10 @@ def test_chunk_sizes_and_test_blocks_do_not_change_the_results(monkeypatch):
     Xt, yt = X.flip(1), y.flip(-1)
     cfg = sp.TrainConfig(n_steps=20, log_steps=[0, 7, 20])
     whole = sp.train(X, y, P, params, cfg, Xt, yt)
-    # Test-set blocks of 3 columns (the last one shorter), and chunks of 1, 2 and 3
-    # models (the last chunk of a group shorter).
-    monkeypatch.setattr(sp.training, "EVAL_CHUNK_BYTES", 3 * 24 * 8)
+    # Chunks of at most 1, 2 and 3 models (of unequal sizes for 2 and 3), each with
+    # test-set blocks of 3 columns (the last one shorter).
     for chunk in (1, 2, 3):
+        monkeypatch.setattr(sp.training, "EVAL_CHUNK_BYTES", 3 * chunk * 24 * 8)
         parts = sp.train(X, y, P, params, cfg, Xt, yt, chunk_models=chunk)
         torch.testing.assert_close(parts.train_loss, whole.train_loss, rtol=1e-13, atol=0)
         torch.testing.assert_close(parts.test_loss, whole.test_loss, rtol=1e-13, atol=0)

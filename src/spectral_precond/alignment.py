@@ -32,6 +32,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+import scipy.stats
 import torch
 
 from ._checks import finite_real, positive_int
@@ -257,16 +258,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("x and y must be finite")
 
-    def ranks(v):
-        order = np.argsort(v, kind="stable")
-        r = np.empty(v.size)
-        r[order] = np.arange(v.size, dtype=float)
-        for value in np.unique(v):
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
+    if np.unique(x).size == 1 or np.unique(y).size == 1:
         return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(scipy.stats.spearmanr(x, y).statistic)
