@@ -1,6 +1,7 @@
 """Seeding, profiles, initialisation and figure files."""
 
 import hashlib
+import math
 
 import matplotlib
 
@@ -136,11 +137,13 @@ def test_resources_are_recorded_per_chapter(tmp_path, monkeypatch):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     # The peak the kernel reports, in KiB on Linux: a fake one of 100 MiB above
     # the real peak, so the record must come from getrusage, not a fixed number.
-    fake = type("Usage", (), {"ru_maxrss": int((before + 100) * 2**10)})()
+    fake_mib = math.ceil(before) + 100
+    fake = type("Usage", (), {"ru_maxrss": fake_mib * 2**10})()
     monkeypatch.setattr(resource, "getrusage", lambda who: fake)
     record_resources("ch2", tmp_path)
     (record,) = read_resources(tmp_path)
     assert record["chapter"] == "ch2" and record["profile"] == "ci"
     assert record["peak_rss_mib"] >= before + 100
+    assert record["peak_rss_mib"] == fake_mib
     with pytest.raises(ValueError, match="chapter may hold only"):
         record_resources("../x", tmp_path)
