@@ -49,11 +49,19 @@ def best_time(fn, repeat: int = 5) -> float:
     return min(times)
 
 
-def matmul_peak(n: int = 2048) -> float:
-    """float32 GFLOP/s of one large square product with all torch threads."""
+def matmul_peaks(n: int = 2048) -> dict[str, float]:
+    """float32 GFLOP/s of one large square product with all threads, by library.
+
+    The machine's peak is the larger: torch's MKL and NumPy's OpenBLAS differ by
+    tens of per cent on some CPUs, and the trainer uses NumPy's on the CPU.
+    """
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out)) / 1e9
+    a_, b_, out_ = a.numpy(), b.numpy(), out.numpy()
+    return {
+        "torch": 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out)) / 1e9,
+        "numpy": 2 * n**3 / best_time(lambda: np.matmul(a_, b_, out=out_)) / 1e9,
+    }
 
 
 def memory_bandwidth(mib: int = 512) -> float:

@@ -2,14 +2,16 @@
 
     python benchmarks/throughput.py [--steps 300] [--models 1 8 64 256] [--rounds 3]
 
-Measures the float32 matrix-product peak and the memory bandwidth, then trains B
+Measures the float32 matrix-product peak (the faster of torch's and NumPy's BLAS) and
+the memory bandwidth, then trains B
 models that share one data set (the paper's sizes: N = 200, width 500, dx = 10) and
 reports model-steps per second and the fraction of the roofline bound, the larger of
 FLOPs / peak and bytes / bandwidth. It does so in several rounds, each measuring the
 peak again, and reports the medians. Each round also trains 64 models split over
 one single-threaded process per core, which shows what the hardware gives without
 the cost of running Python threads side by side. A profile of one run at 64 models (on one
-thread) shows where the time goes. Writes results/throughput.json.
+thread, with the NumPy products labelled) shows where the time goes. Writes
+results/throughput.json.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import spectral_precond as sp
-from common import PAPER, machine, matmul_peak, memory_bandwidth, step_bytes, step_flops, write
+from common import PAPER, machine, matmul_peaks, memory_bandwidth, step_bytes, step_flops, write
 
 
 def batch(n_models: int, dx: int = 10, n_train: int = PAPER["n_train"], width: int = PAPER["width"]):
@@ -77,6 +79,46 @@ def separate_processes(n_models: int, steps: int) -> float:
     return sum(float(child.communicate()[0].strip().splitlines()[-1]) for child in children)
 
 
+#: Names for the trainer's NumPy products in the profile, by the shape of their output.
+def _product_name(out: torch.Tensor) -> str:
+    if out.ndim == 2:
+        return "first-layer product (NumPy)"
+    return "head (NumPy)" if out.shape[-1] == 1 else "backward product (NumPy)"
+
+
+def profile_one_thread(n_models: int, steps: int = 100, top: int = 9) -> list[dict]:
+    """Shares of one thread's time by operation, for ``n_models`` models.
+
+    The profiler records the calling thread only, so the chunks run serially on one
+    thread. It sees torch's operations; the NumPy products are labelled for it by
+    wrapping the trainer's product functions.
+    """
+    make = sp.training._product
+
+    def labelled(a, b, out, backend):
+        product, name = make(a, b, out, backend), _product_name(out)
+
+        def call():
+            with record_function(name):
+                product()
+        return call
+
+    X, y, P, params = batch(n_models)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sp.training._product = labelled
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sp.train(X, y, P, params, sp.TrainConfig(n_steps=steps, log_steps=[steps]))
+    finally:
+        sp.training._product = make
+        torch.set_num_threads(threads)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count}
+            for e in events[:top]]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
@@ -91,16 +133,21 @@ def main():
     # fraction is taken against its own bound. The table gives the medians.
     rounds = []
     for k in range(args.rounds):
-        peak, bandwidth = matmul_peak(), memory_bandwidth()
+        peaks, bandwidth = matmul_peaks(), memory_bandwidth()
+        peak = max(peaks.values())
         bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # s per model-step
         rates = {B: run(B, args.steps) for B in args.models}
         processes = separate_processes(64, args.steps)
-        rounds.append({"peak_gflops": peak, "bandwidth_gbs": bandwidth, "bound_s": bound,
+        rounds.append({"peak_gflops": peak, "peak_gflops_by_library": peaks,
+                       "bandwidth_gbs": bandwidth, "bound_s": bound,
                        "rates": rates, "processes_64": processes})
-        print(f"round {k + 1}: peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s, "
+        print(f"round {k + 1}: peak {peak:.0f} GFLOP/s (torch {peaks['torch']:.0f}, "
+              f"numpy {peaks['numpy']:.0f}), bandwidth {bandwidth:.1f} GB/s, "
               + ", ".join(f"{B}: {rate:.0f}" for B, rate in rates.items()) + " model-steps/s"
               + f"; 64 models in separate processes: {processes:.0f}")
     peak = float(np.median([r["peak_gflops"] for r in rounds]))
+    peak_by_library = {lib: float(np.median([r["peak_gflops_by_library"][lib] for r in rounds]))
+                       for lib in rounds[0]["peak_gflops_by_library"]}
     bandwidth = float(np.median([r["bandwidth_gbs"] for r in rounds]))
     bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))
     print(f"median peak {peak:.0f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s; one model-step: "
@@ -127,22 +174,12 @@ def main():
           f"{processes['model_steps_per_s']:.0f} model-steps/s "
           f"({100 * processes['roofline_fraction']:.0f} % of roofline)")
 
-    # The profiler records the calling thread only: profile one worker's share of the
-    # work by running the chunks serially on one thread.
-    X, y, P, params = batch(64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        sp.train(X, y, P, params, sp.TrainConfig(n_steps=100, log_steps=[100]))
-    torch.set_num_threads(threads)
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events)
-    breakdown = [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count}
-                 for e in events[:8]]
+    breakdown = profile_one_thread(64)
     for row in breakdown:
-        print(f"  {row['op']:24s} {100 * row['share']:5.1f} %  ({row['calls']} calls)")
+        print(f"  {row['op']:30s} {100 * row['share']:5.1f} %  ({row['calls']} calls)")
     path = write("throughput", {
-        "machine": info, "peak_gflops": peak, "bandwidth_gbs": bandwidth,
+        "machine": info, "peak_gflops": peak, "peak_gflops_by_library": peak_by_library,
+        "bandwidth_gbs": bandwidth,
         "flops_per_model_step": flops, "bytes_per_model_step": nbytes,
         "roofline_model_steps_per_s": 1 / bound, "rows": rows, "profile_64_models": breakdown,
         "processes_64": processes,

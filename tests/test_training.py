@@ -25,8 +25,11 @@ def _batch(ps, dh=24, n_train=40, seed=0):
     return torch.stack(Xs), torch.stack(ys), torch.stack(Ps), params
 
 
+# "torch" is the path a GPU takes; on the CPU the products go through NumPy by default.
+@pytest.mark.parametrize("products", ["numpy", "torch"])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_batched_matches_reference_step_by_step(weight_decay):
+def test_batched_matches_reference_step_by_step(weight_decay, products, monkeypatch):
+    monkeypatch.setattr(sp.training, "CPU_PRODUCTS", products)
     ps = [-1.0, -0.5, 0.0, 0.5, 1.0]
     X, y, P, params = _batch(ps)
     n_steps = 60
@@ -105,7 +108,9 @@ def test_input_dimensions_with_and_without_padding_match_the_reference(dx):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_chunk_sizes_and_test_blocks_do_not_change_the_results(monkeypatch):
+@pytest.mark.parametrize("products", ["numpy", "torch"])
+def test_chunk_sizes_and_test_blocks_do_not_change_the_results(products, monkeypatch):
+    monkeypatch.setattr(sp.training, "CPU_PRODUCTS", products)
     X, y, P, params = _batch([-1.0, -0.5, 0.0, 0.5, 1.0], seed=4)
     Xt, yt = X.flip(1), y.flip(-1)
     cfg = sp.TrainConfig(n_steps=20, log_steps=[0, 7, 20])
@@ -132,10 +137,32 @@ def test_test_set_blocks_share_one_buffer(monkeypatch):
     chunk = next(run.chunks())
     blocks, n = chunk.test_blocks()
     assert n == 400 and len(blocks) == 25
-    for i in (2, 3):                            # the activation and output buffers
-        storages = {b[i].untyped_storage().data_ptr() for b in blocks}
-        assert len(storages) == 1
-        assert blocks[0][i].untyped_storage().nbytes() == blocks[0][i].numel() * 8
+    for buffers in ([b.Z for b in blocks], [b.F for b in blocks]):
+        assert len({t.untyped_storage().data_ptr() for t in buffers}) == 1
+        assert buffers[0].untyped_storage().nbytes() == buffers[0].numel() * 8
+
+
+def test_both_product_libraries_give_the_same_run(monkeypatch):
+    X, y, P, params = _batch([-1.0, 0.0, 1.0], seed=5)
+    Xt, yt = X.flip(1), y.flip(-1)
+    cfg = sp.TrainConfig(n_steps=40, log_steps=[0, 10, 40])
+    runs = {}
+    for products in ("numpy", "torch"):
+        monkeypatch.setattr(sp.training, "CPU_PRODUCTS", products)
+        runs[products] = sp.train(X, y, P, params, cfg, Xt, yt)
+    a, b = runs["numpy"], runs["torch"]
+    torch.testing.assert_close(a.train_loss, b.train_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.test_loss, b.test_loss, rtol=1e-12, atol=0)
+    for got, want in zip(a.params.tensors(), b.params.tensors()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    assert not torch.equal(a.params.W1, params.W1)
+
+
+def test_unknown_product_library_is_refused(monkeypatch):
+    X, y, P, params = _batch([1.0])
+    monkeypatch.setattr(sp.training, "CPU_PRODUCTS", "mkl")
+    with pytest.raises(ValueError, match=r"CPU_PRODUCTS must be one of \('numpy', 'torch'\), got 'mkl'"):
+        sp.train(X, y, P, params, sp.TrainConfig(n_steps=2))
 
 
 def test_initial_parameters_are_not_modified():

@@ -13,16 +13,22 @@ Models are laid out as a ``(G, M)`` grid (see :mod:`networks`): the ``M`` models
 group share one data set, so their first-layer products with the inputs are one wide
 matrix product with their hidden units side by side. Gradients are written by hand;
 :mod:`reference` computes the same thing with autograd, one model at a time.
+
+On the CPU the step's three matrix products go through NumPy's BLAS rather than
+torch's (see :data:`CPU_PRODUCTS`); everything else stays in torch, on the same memory.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from ._checks import finite_real, positive_int
 from .networks import Params
@@ -186,6 +192,37 @@ EVAL_CHUNK_BYTES = 1 << 20
 FEATURE_MULTIPLE = 4
 #: Losses are checked for divergence at every logged step and every this many steps.
 DIVERGENCE_CHECK_EVERY = 50
+#: Which library multiplies the matrices of a step on the CPU: ``"numpy"`` (NumPy's
+#: BLAS, OpenBLAS in its wheels) or ``"torch"`` (torch's, MKL in its x86 wheels). The
+#: step's products have an inner or outer dimension of only dx + 1 (padded to 12);
+#: on the AMD EPYC of the book's benchmarks OpenBLAS runs them 20 to 30 % faster than
+#: MKL, and its large-product peak is higher too (benchmarks/throughput.py measures
+#: both). Results agree to rounding. On a GPU the products are always torch's.
+CPU_PRODUCTS = "numpy"
+_PRODUCTS = ("numpy", "torch")
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: str) -> Callable[[], None]:
+    """A function that computes ``out = a @ b`` (batched over a leading dimension when
+    the operands are 3-D) in place, without allocating, with the given library.
+
+    The NumPy arrays are views of the tensors' memory, made once: the product always
+    sees the current values of ``a`` and ``b``.
+    """
+    if backend == "numpy":
+        a_, b_, out_ = (t.detach().numpy() for t in (a, b, out))
+        return lambda: np.matmul(a_, b_, out=out_)
+    return lambda: torch.matmul(a, b, out=out)
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _blas_threads(n: int):
+    """Limit NumPy's BLAS to ``n`` threads for the duration of a ``with`` block."""
+    return _blas_controller().limit(limits=n, user_api="blas")
 
 
 def _padded_inputs(X: torch.Tensor, K: int) -> torch.Tensor:
@@ -210,11 +247,18 @@ class _Run:
         # product, and zero columns up to a multiple of FEATURE_MULTIPLE.
         self.K = K = -(-(dx + 1) // FEATURE_MULTIPLE) * FEATURE_MULTIPLE
         self.X1t = _padded_inputs(X, K)                 # (G, K, N)
+        self.X1 = self.X1t.transpose(1, 2).contiguous()  # (G, N, K)
         self.y, self.P = y, P
-        self.X1t_test = None
+        self.X1_test = None
         if X_test is not None:
-            self.X1t_test = _padded_inputs(X_test, K)
+            self.X1_test = _padded_inputs(X_test, K).transpose(1, 2)   # (G, n_test, K)
             self.y_test = y_test
+        if device.type != "cpu":
+            self.products = "torch"
+        elif CPU_PRODUCTS in _PRODUCTS:
+            self.products = CPU_PRODUCTS
+        else:
+            raise ValueError(f"CPU_PRODUCTS must be one of {_PRODUCTS}, got {CPU_PRODUCTS!r}")
         # The first layer [W1 | b1 | 0], stored feature-major as AK of shape
         # (G, K, M, dh): for the models of a chunk, AK[g, :, m0:m1] is one (K, c * dh)
         # matrix (their hidden units side by side, for one wide product), and each
@@ -267,13 +311,24 @@ class _Run:
         )
 
 
+class _TestBlock(NamedTuple):
+    """A block of test samples: its two products, labels and (shared) buffers."""
+
+    first_layer: Callable[[], None]
+    head: Callable[[], None]
+    y: torch.Tensor         # (c, 1, w)
+    Z: torch.Tensor         # (w, c * dh) activations
+    F: torch.Tensor         # (c, 1, w) outputs
+
+
 class _Chunk:
     """Models ``m0:m1`` of group ``g``: views into the run's tensors, and buffers.
 
     All models of a chunk share the group's inputs, so the first-layer forward and
     backward products are single wide matrix products with the hidden units of the
-    chunk's models side by side (``c * dh`` rows). Every view and buffer a step needs
-    is made here once, so that a step is a short, fixed list of in-place operations.
+    chunk's models side by side (``c * dh`` columns). Every view, buffer and product a
+    step needs is made here once, so that a step is a short, fixed list of in-place
+    operations.
     """
 
     def __init__(self, run: _Run, g: int, m0: int, m1: int):
@@ -290,6 +345,7 @@ class _Chunk:
         self.slice_K = (g, slice(None), slice(m0, m1))
         self.W2, self.b2 = run.W2[g, m0:m1], run.b2[g, m0:m1]
         self.W2_rows = self.W2.view(c, 1, dh)
+        self.W2_cols = self.W2.view(c, dh, 1)
         self.b2_col = self.b2.view(c, 1, 1)
         self.y = run.y[g, m0:m1].unsqueeze(1)          # (c, 1, N)
         # The first layer's step in one product: [dW1 | db1 | 0] @ blockdiag(P, 1, 0),
@@ -299,29 +355,36 @@ class _Chunk:
         Pt[:, dx, dx] = 1.0
         self.Pt = Pt
         self.X1t = run.X1t[g]                          # (K, N)
-        self.Z = torch.empty(c * dh, N, dtype=dtype, device=device)
-        self.Zm = self.Z.view(c, dh, N)
-        self.ST = self.Zm.transpose(1, 2)              # (c, N, dh), a view
+        # Activations sample-major: row n holds the c * dh hidden units of sample n,
+        # and each model's (N, dh) block is a strided view.
+        self.Z = torch.empty(N, c * dh, dtype=dtype, device=device)
+        self.S = self.Z.view(N, c, dh).transpose(0, 1)  # (c, N, dh), a view
         self.F = torch.empty(c, 1, N, dtype=dtype, device=device)
         self.Xr = torch.empty(c, K, N, dtype=dtype, device=device)
         self.GT = torch.empty(c, K, dh, dtype=dtype, device=device)
         self.GT_W1 = self.GT[:, :dx]                   # (c, dx, dh), a view
         self.step_T = torch.empty_like(self.GT)
         self.gW2 = torch.empty(c, dh, dtype=dtype, device=device)
+        products = run.products
+        self.products = products
+        self.first_layer = _product(run.X1[g], self.A2T, self.Z, products)
+        self.head = _product(self.S, self.W2_cols, self.F.view(c, N, 1), products)
+        self.backward = _product(self.Xr, self.S, self.GT, products)
         self._test_blocks = None
 
     def forward(self):
         """Residuals ``f(x_n) - y_n`` of the training set, ``(c, 1, N)``.
 
         The pre-activations go into the buffer ``Z``, the ReLU is applied in place,
-        and the head and its bias are one batched product.
+        and the head is one batched product.
         """
-        torch.mm(self.A2T.t(), self.X1t, out=self.Z).clamp_min_(0.0)
-        torch.baddbmm(self.b2_col, self.W2_rows, self.Zm, out=self.F)
-        return self.F.sub_(self.y)
+        self.first_layer()
+        self.Z.clamp_min_(0.0)
+        self.head()
+        return self.F.add_(self.b2_col).sub_(self.y)
 
     def test_blocks(self):
-        """The test inputs and labels cut into blocks of columns, and their buffers.
+        """The test set cut into blocks of samples, with their buffers and products.
 
         Each block's activations take about ``EVAL_CHUNK_BYTES``; the input blocks are
         made contiguous once, so that each block's product reads a dense matrix. All
@@ -331,36 +394,44 @@ class _Chunk:
         """
         if self._test_blocks is None:
             run = self.run
-            X1t = run.X1t_test[self.g]
+            X1 = run.X1_test[self.g]
             y = run.y_test[self.slice]
-            n = X1t.shape[1]
+            n = X1.shape[0]
             c, dh = self.c, run.dh
             width = min(n, max(1, EVAL_CHUNK_BYTES // (c * dh * run.itemsize)))
-            Z = torch.empty(c * dh * width, dtype=X1t.dtype, device=X1t.device)
-            F = torch.empty(c * width, dtype=X1t.dtype, device=X1t.device)
+            Z = torch.empty(c * dh * width, dtype=X1.dtype, device=X1.device)
+            F = torch.empty(c * width, dtype=X1.dtype, device=X1.device)
             blocks = []
             for s in range(0, n, width):
                 w = min(n, s + width) - s
-                blocks.append((
-                    X1t[:, s:s + w].contiguous(),
-                    y[:, s:s + w].unsqueeze(1).contiguous(),
-                    Z[: c * dh * w].view(c * dh, w),
-                    F[: c * w].view(c, 1, w),
+                Zb, Fb = Z[: c * dh * w].view(w, c * dh), F[: c * w].view(c, 1, w)
+                Sb = Zb.view(w, c, dh).transpose(0, 1)
+                blocks.append(_TestBlock(
+                    _product(X1[s:s + w].contiguous(), self.A2T, Zb, self.products),
+                    _product(Sb, self.W2_cols, Fb.view(c, w, 1), self.products),
+                    y[:, s:s + w].unsqueeze(1).contiguous(), Zb, Fb,
                 ))
             self._test_blocks = (blocks, n)
         return self._test_blocks
 
     def test_mse(self):
         blocks, n = self.test_blocks()
-        dh = self.run.dh
         total = torch.zeros(self.c, 1, dtype=self.Z.dtype, device=self.Z.device)
-        for X1t, y, Z, F in blocks:
-            torch.mm(self.A2T.t(), X1t, out=Z).clamp_min_(0.0)
-            torch.baddbmm(self.b2_col, self.W2_rows, Z.view(self.c, dh, -1), out=F)
-            total.add_(torch.linalg.vecdot(F.sub_(y), F))
+        for first_layer, head, y, Z, F in blocks:
+            first_layer()
+            Z.clamp_min_(0.0)
+            head()
+            F.add_(self.b2_col).sub_(y)
+            total.add_(torch.linalg.vecdot(F, F))
         return total.squeeze(1) / n
 
     def train(self):
+        # Divergence is detected and reported by the loop itself: NumPy's warnings
+        # about overflow in the products of a diverging model would only repeat it.
+        with np.errstate(all="ignore"):
+            self._train()
+
+    def _train(self):
         run, config = self.run, self.run.config
         c, N = self.c, run.N
         lr, decay = config.lr, config.weight_decay / N
@@ -413,7 +484,8 @@ class _Chunk:
         self.Z.gt_(0.0)                                      # ReLU mask, in place of H
         # Gradients are formed transposed, (c, K, dh): the products are faster
         # with dh as the long output dimension.
-        GT = torch.bmm(self.Xr, self.ST, out=self.GT)
+        self.backward()
+        GT = self.GT
         gW2 = torch.linalg.vecdot(self.GT, self.AT, dim=1, out=self.gW2)
         GT.mul_(self.W2_rows)                                # [dW1 | db1]^T, no decay
         if decay:
@@ -501,21 +573,25 @@ def train(
     p = params.to(dtype=dtype, device=device).clone()
     run = _Run(X, y, P.contiguous(), p, config, steps, X_test, y_test, chunk_models)
     chunks = list(run.chunks())
-    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
+    threads = torch.get_num_threads()
+    workers = min(threads, len(chunks)) if device.type == "cpu" else 1
+    numpy_products = run.products == "numpy"
     if workers <= 1:
-        for chunk in chunks:
-            chunk.train()
+        # NumPy's BLAS gets as many threads as torch's operations.
+        with _blas_threads(threads) if numpy_products else nullcontext():
+            for chunk in chunks:
+                chunk.train()
         return run.result()
     # On the CPU, whole chunks go to worker threads, each running single-threaded
     # operations: the chunks are independent, the products release the GIL, and this
     # avoids the fork-join (and, on a busy machine, spin-waiting) of splitting every
     # small operation across cores.
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(chunk.train) for chunk in chunks]:
-                future.result()
+        with _blas_threads(1) if numpy_products else nullcontext():
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for future in [pool.submit(chunk.train) for chunk in chunks]:
+                    future.result()
     finally:
         torch.set_num_threads(threads)
     return run.result()
