@@ -3,15 +3,15 @@
     python benchmarks/throughput.py [--steps 300] [--models 1 8 64 256] [--rounds 3]
 
 Measures the float32 matrix-product peak (the faster of torch's and NumPy's BLAS) and
-the memory bandwidth, then trains B
-models that share one data set (the paper's sizes: N = 200, width 500, dx = 10) and
-reports model-steps per second and the fraction of the roofline bound, the larger of
-FLOPs / peak and bytes / bandwidth. It does so in several rounds, each measuring the
-peak again, and reports the medians. Each round also trains 64 models split over
-one single-threaded process per core, which shows what the hardware gives without
-the cost of running Python threads side by side. A profile of one run at 64 models (on one
-thread, with the NumPy products labelled) shows where the time goes. Writes
-results/throughput.json.
+the memory bandwidth, then trains B models that share one data set (the paper's sizes:
+N = 200, width 500, dx = 10) and reports model-steps per second and the fraction of
+the roofline bound, the larger of FLOPs / peak and bytes / bandwidth. It does so in
+several rounds, each measuring the peak again, and reports the medians. Each round
+also trains 64 models with torch's products instead of NumPy's on the CPU, and 64
+models split over one single-threaded process per core, which shows what the
+hardware gives without the cost of running Python threads side by side. A profile of
+one run at 64 models (on one thread, with the NumPy products labelled) shows where
+the time goes. Writes results/throughput.json.
 """
 
 from __future__ import annotations
@@ -39,13 +39,18 @@ def batch(n_models: int, dx: int = 10, n_train: int = PAPER["n_train"], width: i
     return X, y, P, params
 
 
-def run(n_models: int, steps: int, **sizes) -> float:
+def run(n_models: int, steps: int, products: str = "numpy", **sizes) -> float:
+    """Model-steps/s of ``n_models`` trained at once, with the CPU products of ``products``."""
     X, y, P, params = batch(n_models, **sizes)
     config = sp.TrainConfig(n_steps=steps, log_steps=[steps])
-    sp.train(X, y, P, params, sp.TrainConfig(n_steps=5, log_steps=[5]))
-    t0 = time.perf_counter()
-    sp.train(X, y, P, params, config)
-    return n_models * steps / (time.perf_counter() - t0)
+    default, sp.training.CPU_PRODUCTS = sp.training.CPU_PRODUCTS, products
+    try:
+        sp.train(X, y, P, params, sp.TrainConfig(n_steps=5, log_steps=[5]))
+        t0 = time.perf_counter()
+        sp.train(X, y, P, params, config)
+        return n_models * steps / (time.perf_counter() - t0)
+    finally:
+        sp.training.CPU_PRODUCTS = default
 
 
 CHILD = r"""
@@ -137,14 +142,17 @@ def main():
         peak = max(peaks.values())
         bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # s per model-step
         rates = {B: run(B, args.steps) for B in args.models}
+        torch_products = run(64, args.steps, products="torch")
         processes = separate_processes(64, args.steps)
         rounds.append({"peak_gflops": peak, "peak_gflops_by_library": peaks,
                        "bandwidth_gbs": bandwidth, "bound_s": bound,
-                       "rates": rates, "processes_64": processes})
+                       "rates": rates, "torch_products_64": torch_products,
+                       "processes_64": processes})
         print(f"round {k + 1}: peak {peak:.0f} GFLOP/s (torch {peaks['torch']:.0f}, "
               f"numpy {peaks['numpy']:.0f}), bandwidth {bandwidth:.1f} GB/s, "
               + ", ".join(f"{B}: {rate:.0f}" for B, rate in rates.items()) + " model-steps/s"
-              + f"; 64 models in separate processes: {processes:.0f}")
+              + f"; 64 models with torch's products: {torch_products:.0f}"
+              + f", in separate processes: {processes:.0f}")
     peak = float(np.median([r["peak_gflops"] for r in rounds]))
     peak_by_library = {lib: float(np.median([r["peak_gflops_by_library"][lib] for r in rounds]))
                        for lib in rounds[0]["peak_gflops_by_library"]}
@@ -170,6 +178,13 @@ def main():
         "roofline_fraction": float(np.median([r["processes_64"] * r["bound_s"] for r in rounds])),
         "threads": float(np.median([r["rates"][64] for r in rounds])) if 64 in args.models else None,
     }
+    torch_products = {
+        "model_steps_per_s": float(np.median([r["torch_products_64"] for r in rounds])),
+        "roofline_fraction": float(np.median([r["torch_products_64"] * r["bound_s"] for r in rounds])),
+    }
+    print(f"64 models with torch's products on the CPU: "
+          f"{torch_products['model_steps_per_s']:.0f} model-steps/s "
+          f"({100 * torch_products['roofline_fraction']:.0f} % of roofline)")
     print(f"64 models, one single-threaded process per core: "
           f"{processes['model_steps_per_s']:.0f} model-steps/s "
           f"({100 * processes['roofline_fraction']:.0f} % of roofline)")
@@ -182,7 +197,7 @@ def main():
         "bandwidth_gbs": bandwidth,
         "flops_per_model_step": flops, "bytes_per_model_step": nbytes,
         "roofline_model_steps_per_s": 1 / bound, "rows": rows, "profile_64_models": breakdown,
-        "processes_64": processes,
+        "processes_64": processes, "torch_products_64": torch_products,
         "rounds": [{**r, "rates": {str(B): v for B, v in r["rates"].items()}} for r in rounds],
     })
     print(f"-> {path}")

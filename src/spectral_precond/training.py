@@ -286,10 +286,12 @@ class _Run:
         self.chunk_models = min(chunk_models, M)
         self.itemsize = itemsize
 
-    def chunks(self):
-        # As few chunks per group as the bound allows, of sizes that differ by one
-        # at most, so that the worker threads get even shares.
-        n = -(-self.M // self.chunk_models)
+    def chunks(self, at_least: int = 1):
+        """The chunks of all groups: as few per group as the bound allows, but
+        ``at_least`` in all where there are enough models (one per worker thread), of
+        sizes that differ by one at most, so that the workers get even shares."""
+        n = max(-(-self.M // self.chunk_models), -(-at_least // self.G))
+        n = min(n, self.M)
         bounds = [i * self.M // n for i in range(n + 1)]
         for g in range(self.G):
             for m0, m1 in zip(bounds[:-1], bounds[1:]):
@@ -535,7 +537,9 @@ def train(
         At most how many models of a group are stepped together (a group's models are
         cut into chunks of nearly equal sizes). By default as many as keep
         one chunk's activations within a few MiB on the CPU (so that they stay in
-        cache) and whole groups on a GPU. Results do not depend on it.
+        cache) and whole groups on a GPU. On the CPU there are also at least as many
+        chunks as torch has threads, where there are enough models, so that every
+        core gets work. Results do not depend on it.
 
     Returns
     -------
@@ -572,26 +576,29 @@ def train(
     steps = config.schedule()
     p = params.to(dtype=dtype, device=device).clone()
     run = _Run(X, y, P.contiguous(), p, config, steps, X_test, y_test, chunk_models)
-    chunks = list(run.chunks())
-    threads = torch.get_num_threads()
-    workers = min(threads, len(chunks)) if device.type == "cpu" else 1
-    numpy_products = run.products == "numpy"
-    if workers <= 1:
-        # NumPy's BLAS gets as many threads as torch's operations.
-        with _blas_threads(threads) if numpy_products else nullcontext():
-            for chunk in chunks:
-                chunk.train()
+    if device.type != "cpu":
+        for chunk in run.chunks():
+            chunk.train()
         return run.result()
-    # On the CPU, whole chunks go to worker threads, each running single-threaded
-    # operations: the chunks are independent, the products release the GIL, and this
-    # avoids the fork-join (and, on a busy machine, spin-waiting) of splitting every
-    # small operation across cores.
+    # On the CPU, whole chunks go to worker threads, one per core, each running
+    # single-threaded operations: the chunks are independent, the products release
+    # the GIL, and this avoids the fork-join of splitting every small operation across
+    # cores. It also keeps torch's and the BLAS's thread pools from competing for the
+    # cores: with both multi-threaded, their threads spin-wait against each other and
+    # a step at the paper's sizes runs tens of times slower.
+    threads = torch.get_num_threads()
+    chunks = list(run.chunks(at_least=threads))
+    workers = min(threads, len(chunks))
     torch.set_num_threads(1)
     try:
-        with _blas_threads(1) if numpy_products else nullcontext():
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for future in [pool.submit(chunk.train) for chunk in chunks]:
-                    future.result()
+        with _blas_threads(1) if run.products == "numpy" else nullcontext():
+            if workers == 1:
+                for chunk in chunks:
+                    chunk.train()
+            else:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    for future in [pool.submit(chunk.train) for chunk in chunks]:
+                        future.result()
     finally:
         torch.set_num_threads(threads)
     return run.result()
