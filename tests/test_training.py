@@ -165,6 +165,47 @@ def test_unknown_product_library_is_refused(monkeypatch):
         sp.train(X, y, P, params, sp.TrainConfig(n_steps=2))
 
 
+def _blas_threads():
+    return [i["num_threads"] for i in sp.training._blas_controller().info()
+            if i["user_api"] == "blas"]
+
+
+def test_blas_runs_single_threaded_during_training_and_is_restored(monkeypatch):
+    X, y, P, params = _batch([0.0, 1.0])
+    seen = []
+    make = sp.training._product
+
+    def recording(*args):
+        product = make(*args)
+
+        def call():
+            seen.append(_blas_threads())
+            product()
+        return call
+
+    monkeypatch.setattr(sp.training, "_product", recording)
+    # Two BLAS threads to begin with (CI starts with one), to see the limit and the restore.
+    with sp.training._blas_controller().limit(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert before and set(before) == {2}
+        sp.train(X, y, P, params, sp.TrainConfig(n_steps=3))
+        assert _blas_threads() == before
+    assert seen and all(threads == [1] * len(before) for threads in seen)
+
+
+def test_overlapping_calls_keep_blas_single_threaded_until_the_last_ends():
+    with sp.training._blas_controller().limit(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert before and set(before) == {2}
+        outer = sp.training._single_threaded_blas()
+        outer.__enter__()
+        with sp.training._single_threaded_blas():
+            assert _blas_threads() == [1] * len(before)
+        assert _blas_threads() == [1] * len(before)      # the outer call still runs
+        outer.__exit__(None, None, None)
+        assert _blas_threads() == before
+
+
 def test_initial_parameters_are_not_modified():
     X, y, P, params = _batch([1.0])
     before = params.clone()

@@ -20,8 +20,9 @@ torch's (see :data:`CPU_PRODUCTS`); everything else stays in torch, on the same 
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, NamedTuple, Sequence
@@ -215,14 +216,36 @@ def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: str) 
     return lambda: torch.matmul(a, b, out=out)
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextmanager
+def _single_threaded_blas():
+    """NumPy's BLAS on one thread while any call to :func:`train` runs in this process.
+
+    Calls may overlap (from threads of the caller's own): the first one in sets the
+    limit and the last one out restores the original.
+    """
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
 @lru_cache(maxsize=1)
 def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
-
-
-def _blas_threads(n: int):
-    """Limit NumPy's BLAS to ``n`` threads for the duration of a ``with`` block."""
-    return _blas_controller().limit(limits=n, user_api="blas")
 
 
 def _padded_inputs(X: torch.Tensor, K: int) -> torch.Tensor:
@@ -591,7 +614,7 @@ def train(
     workers = min(threads, len(chunks))
     torch.set_num_threads(1)
     try:
-        with _blas_threads(1) if run.products == "numpy" else nullcontext():
+        with _single_threaded_blas() if run.products == "numpy" else nullcontext():
             if workers == 1:
                 for chunk in chunks:
                     chunk.train()
