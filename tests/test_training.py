@@ -165,12 +165,31 @@ def test_unknown_product_library_is_refused(monkeypatch):
         sp.train(X, y, P, params, sp.TrainConfig(n_steps=2))
 
 
+@pytest.mark.parametrize("G, M, chunk_models, at_least, sizes", [
+    (1, 8, 8, 2, [4, 4]),        # one chunk would leave a core idle
+    (1, 5, 8, 2, [2, 3]),
+    (2, 8, 8, 2, [8, 8]),        # one chunk per group is already one per core
+    (1, 1, 8, 2, [1]),           # a single model cannot be split
+    (1, 20, 8, 2, [6, 7, 7]),    # the size bound gives more chunks than cores
+])
+def test_chunks_give_every_core_work(G, M, chunk_models, at_least, sizes):
+    gen = sp.generator(0, "chunks")
+    X = torch.randn(G, 6, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(G, M, 6, generator=gen, dtype=torch.float64)
+    P = torch.eye(3, dtype=torch.float64).expand(G, M, 3, 3)
+    params = sp.kaiming_init(np.arange(G * M).reshape(G, M), dx=3, dh=4)
+    cfg = sp.TrainConfig(n_steps=1)
+    run = sp.training._Run(X, y, P, params.clone(), cfg, cfg.schedule(), None, None, chunk_models)
+    got = [chunk.c for chunk in run.chunks(at_least=at_least)]
+    assert got == sizes          # over all groups, in order
+
+
 def _blas_threads():
     return [i["num_threads"] for i in sp.training._blas_controller().info()
             if i["user_api"] == "blas"]
 
 
-def test_blas_runs_single_threaded_during_training_and_is_restored(monkeypatch):
+def test_blas_runs_single_threaded_during_training_and_stays_so(monkeypatch):
     X, y, P, params = _batch([0.0, 1.0])
     seen = []
     make = sp.training._product
@@ -184,26 +203,31 @@ def test_blas_runs_single_threaded_during_training_and_is_restored(monkeypatch):
         return call
 
     monkeypatch.setattr(sp.training, "_product", recording)
-    # Two BLAS threads to begin with (CI starts with one), to see the limit and the restore.
+    # Two BLAS threads to begin with (CI starts with one), to see the change.
     with sp.training._blas_controller().limit(limits=2, user_api="blas"):
         before = _blas_threads()
         assert before and set(before) == {2}
         sp.train(X, y, P, params, sp.TrainConfig(n_steps=3))
-        assert _blas_threads() == before
+        assert _blas_threads() == [1] * len(before)
     assert seen and all(threads == [1] * len(before) for threads in seen)
 
 
-def test_overlapping_calls_keep_blas_single_threaded_until_the_last_ends():
-    with sp.training._blas_controller().limit(limits=2, user_api="blas"):
-        before = _blas_threads()
-        assert before and set(before) == {2}
-        outer = sp.training._single_threaded_blas()
-        outer.__enter__()
-        with sp.training._single_threaded_blas():
-            assert _blas_threads() == [1] * len(before)
-        assert _blas_threads() == [1] * len(before)      # the outer call still runs
-        outer.__exit__(None, None, None)
-        assert _blas_threads() == before
+def test_a_blas_that_cannot_be_made_single_threaded_falls_back_to_torch(monkeypatch):
+    X, y, P, params = _batch([0.0, 1.0])
+    cfg = sp.TrainConfig(n_steps=10, log_steps=[0, 10])
+    monkeypatch.setattr(sp.training, "CPU_PRODUCTS", "torch")
+    want = sp.train(X, y, P, params, cfg)
+    monkeypatch.setattr(sp.training, "CPU_PRODUCTS", "numpy")
+    monkeypatch.setattr(sp.training, "_single_threaded_blas", lambda: False)
+    backends = []
+    make = sp.training._product
+    monkeypatch.setattr(sp.training, "_product",
+                        lambda *args: backends.append(args[-1]) or make(*args))
+    with pytest.warns(RuntimeWarning, match="could not be set to one thread"):
+        got = sp.train(X, y, P, params, cfg)
+    assert backends and set(backends) == {"torch"}
+    assert torch.equal(got.train_loss, want.train_loss)
+    assert torch.equal(got.params.W1, want.params.W1)
 
 
 def test_initial_parameters_are_not_modified():

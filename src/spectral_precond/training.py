@@ -21,15 +21,15 @@ torch's (see :data:`CPU_PRODUCTS`); everything else stays in torch, on the same 
 from __future__ import annotations
 
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from ._checks import finite_real, positive_int
 from .networks import Params
@@ -195,10 +195,13 @@ FEATURE_MULTIPLE = 4
 DIVERGENCE_CHECK_EVERY = 50
 #: Which library multiplies the matrices of a step on the CPU: ``"numpy"`` (NumPy's
 #: BLAS, OpenBLAS in its wheels) or ``"torch"`` (torch's, MKL in its x86 wheels). The
-#: step's products have an inner or outer dimension of only dx + 1 (padded to 12);
-#: on the AMD EPYC of the book's benchmarks OpenBLAS runs them 20 to 30 % faster than
-#: MKL, and its large-product peak is higher too (benchmarks/throughput.py measures
-#: both). Results agree to rounding. On a GPU the products are always torch's.
+#: step's products have an inner or outer dimension of only dx + 1 (padded to 12).
+#: On the AMD EPYC of the book's benchmarks OpenBLAS runs the first-layer product
+#: about 20 % faster than MKL and the head, a strided matrix-vector product per
+#: model, about twice as fast; its large-product peak is higher too (the throughput
+#: benchmark measures both). Results agree to rounding. With ``"numpy"``, the first
+#: call on the CPU sets NumPy's BLAS to one thread for the rest of the process. On a
+#: GPU the products are always torch's.
 CPU_PRODUCTS = "numpy"
 _PRODUCTS = ("numpy", "torch")
 
@@ -217,30 +220,25 @@ def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: str) 
 
 
 _blas_lock = threading.Lock()
-_blas_users = 0
-_blas_limiter = None
 
 
-@contextmanager
-def _single_threaded_blas():
-    """NumPy's BLAS on one thread while any call to :func:`train` runs in this process.
+def _single_threaded_blas() -> bool:
+    """Set NumPy's BLAS to one thread, for the rest of the process; True if it is now.
 
-    Calls may overlap (from threads of the caller's own): the first one in sets the
-    limit and the last one out restores the original.
+    The trainer runs one single-threaded chunk per core, so a multi-threaded BLAS
+    would only make its threads compete. The setting is not restored afterwards:
+    OpenBLAS ignores a change of its thread count made from a thread other than the
+    one that last changed it, so restoring after a call from the main thread would
+    leave later calls from worker threads (a sweep run on a thread pool) unable to
+    set it again.
     """
-    global _blas_users, _blas_limiter
     with _blas_lock:
-        if _blas_users == 0:
-            _blas_limiter = _blas_controller().limit(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
+        def single():
+            return all(lib["num_threads"] == 1 for lib in _blas_controller().info()
+                       if lib["user_api"] == "blas")
+        if not single():
+            threadpool_limits(limits=1, user_api="blas")
+        return single()
 
 
 @lru_cache(maxsize=1)
@@ -570,6 +568,11 @@ def train(
         A model whose loss becomes non-finite or exceeds ``config.divergence_factor``
         times its initial loss is frozen at that step; ``diverged_at`` records the
         step and its later logged losses are NaN. The other models are unaffected.
+
+    Notes
+    -----
+    On the CPU the chunks of models run on one worker thread per core, each
+    single-threaded; NumPy's BLAS is set to one thread (see :data:`CPU_PRODUCTS`).
     """
     X = _as_groups("X_train", X_train, 3)
     y = _as_groups("y_train", y_train, 3)
@@ -610,18 +613,23 @@ def train(
     # cores: with both multi-threaded, their threads spin-wait against each other and
     # a step at the paper's sizes runs tens of times slower.
     threads = torch.get_num_threads()
+    if run.products == "numpy" and not _single_threaded_blas():
+        warnings.warn(
+            "NumPy's BLAS could not be set to one thread from this thread (it was last "
+            "set from another); this call uses torch's products, which are slower on "
+            "some CPUs", RuntimeWarning, stacklevel=2)
+        run.products = "torch"
     chunks = list(run.chunks(at_least=threads))
     workers = min(threads, len(chunks))
     torch.set_num_threads(1)
     try:
-        with _single_threaded_blas() if run.products == "numpy" else nullcontext():
-            if workers == 1:
-                for chunk in chunks:
-                    chunk.train()
-            else:
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    for future in [pool.submit(chunk.train) for chunk in chunks]:
-                        future.result()
+        if workers == 1:
+            for chunk in chunks:
+                chunk.train()
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for future in [pool.submit(chunk.train) for chunk in chunks]:
+                    future.result()
     finally:
         torch.set_num_threads(threads)
     return run.result()
