@@ -158,6 +158,18 @@ def test_both_product_libraries_give_the_same_run(monkeypatch):
     assert not torch.equal(a.params.W1, params.W1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_trains_with_torch_products(dtype):
+    # NumPy's BLAS has no bfloat16 and no fast float16: these dtypes take torch's path.
+    X, y, P, params = _batch([0.0, 1.0])
+    cfg = sp.TrainConfig(n_steps=20, log_steps=[0, 20])
+    low = sp.train(X.to(dtype), y.to(dtype), P, params, cfg)
+    full = sp.train(X.float(), y.float(), P, params, cfg)
+    assert low.train_loss.dtype == dtype and low.params.W1.dtype == dtype
+    torch.testing.assert_close(low.train_loss.float(), full.train_loss, rtol=5e-2, atol=1e-3)
+    assert (low.train_loss[..., -1] < low.train_loss[..., 0]).all()
+
+
 def test_unknown_product_library_is_refused(monkeypatch):
     X, y, P, params = _batch([1.0])
     monkeypatch.setattr(sp.training, "CPU_PRODUCTS", "mkl")

@@ -201,7 +201,7 @@ DIVERGENCE_CHECK_EVERY = 50
 #: model, about twice as fast; its large-product peak is higher too (the throughput
 #: benchmark measures both). Results agree to rounding. With ``"numpy"``, the first
 #: call on the CPU sets NumPy's BLAS to one thread for the rest of the process. On a
-#: GPU the products are always torch's.
+#: GPU, and for dtypes other than float32 and float64, the products are torch's.
 CPU_PRODUCTS = "numpy"
 _PRODUCTS = ("numpy", "torch")
 
@@ -274,12 +274,12 @@ class _Run:
         if X_test is not None:
             self.X1_test = _padded_inputs(X_test, K).transpose(1, 2)   # (G, n_test, K)
             self.y_test = y_test
-        if device.type != "cpu":
-            self.products = "torch"
-        elif CPU_PRODUCTS in _PRODUCTS:
-            self.products = CPU_PRODUCTS
-        else:
+        if CPU_PRODUCTS not in _PRODUCTS:
             raise ValueError(f"CPU_PRODUCTS must be one of {_PRODUCTS}, got {CPU_PRODUCTS!r}")
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            self.products = CPU_PRODUCTS
+        else:       # a GPU, or a dtype that NumPy's BLAS lacks (bfloat16, float16)
+            self.products = "torch"
         # The first layer [W1 | b1 | 0], stored feature-major as AK of shape
         # (G, K, M, dh): for the models of a chunk, AK[g, :, m0:m1] is one (K, c * dh)
         # matrix (their hidden units side by side, for one wide product), and each
