@@ -84,8 +84,8 @@ def separate_processes(n_models: int, steps: int) -> float:
     return sum(float(child.communicate()[0].strip().splitlines()[-1]) for child in children)
 
 
-#: Names for the trainer's NumPy products in the profile, by the shape of their output.
 def _product_name(out: torch.Tensor) -> str:
+    """The profile's name for one of the trainer's NumPy products, from its output shape."""
     if out.ndim == 2:
         return "first-layer product (NumPy)"
     return "head (NumPy)" if out.shape[-1] == 1 else "backward product (NumPy)"

@@ -159,11 +159,17 @@ def test_both_product_libraries_give_the_same_run(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_trains_with_torch_products(dtype):
+def test_half_precision_trains_with_torch_products(dtype, monkeypatch):
     # NumPy's BLAS has no bfloat16 and no fast float16: these dtypes take torch's path.
     X, y, P, params = _batch([0.0, 1.0])
     cfg = sp.TrainConfig(n_steps=20, log_steps=[0, 20])
+    backends = []
+    make = sp.training._product
+    monkeypatch.setattr(sp.training, "_product",
+                        lambda *args: backends.append(args[-1]) or make(*args))
     low = sp.train(X.to(dtype), y.to(dtype), P, params, cfg)
+    assert backends and set(backends) == {"torch"}
+    monkeypatch.setattr(sp.training, "_product", make)
     full = sp.train(X.float(), y.float(), P, params, cfg)
     assert low.train_loss.dtype == dtype and low.params.W1.dtype == dtype
     torch.testing.assert_close(low.train_loss.float(), full.train_loss, rtol=5e-2, atol=1e-3)

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController, threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ._checks import finite_real, positive_int
 from .networks import Params
@@ -222,6 +222,11 @@ def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: str) 
 _blas_lock = threading.Lock()
 
 
+def _blas_is_single_threaded() -> bool:
+    return all(lib["num_threads"] == 1 for lib in _blas_controller().info()
+               if lib["user_api"] == "blas")
+
+
 def _single_threaded_blas() -> bool:
     """Set NumPy's BLAS to one thread, for the rest of the process; True if it is now.
 
@@ -233,12 +238,9 @@ def _single_threaded_blas() -> bool:
     run on a thread pool) unable to set it again.
     """
     with _blas_lock:
-        def single():
-            return all(lib["num_threads"] == 1 for lib in _blas_controller().info()
-                       if lib["user_api"] == "blas")
-        if not single():
-            threadpool_limits(limits=1, user_api="blas")
-        return single()
+        if not _blas_is_single_threaded():
+            _blas_controller().limit(limits=1, user_api="blas")   # never restored
+        return _blas_is_single_threaded()
 
 
 @lru_cache(maxsize=1)
@@ -388,8 +390,7 @@ class _Chunk:
         self.GT_W1 = self.GT[:, :dx]                   # (c, dx, dh), a view
         self.step_T = torch.empty_like(self.GT)
         self.gW2 = torch.empty(c, dh, dtype=dtype, device=device)
-        products = run.products
-        self.products = products
+        self.products = products = run.products
         self.first_layer = _product(run.X1[g], self.A2T, self.Z, products)
         self.head = _product(self.S, self.W2_cols, self.F.view(c, N, 1), products)
         self.backward = _product(self.Xr, self.S, self.GT, products)
@@ -509,7 +510,7 @@ class _Chunk:
         # with dh as the long output dimension.
         self.backward()
         GT = self.GT
-        gW2 = torch.linalg.vecdot(self.GT, self.AT, dim=1, out=self.gW2)
+        gW2 = torch.linalg.vecdot(GT, self.AT, dim=1, out=self.gW2)
         GT.mul_(self.W2_rows)                                # [dW1 | db1]^T, no decay
         if decay:
             # Weight decay in the same units as the data term (times N / 2).
