@@ -14,8 +14,10 @@ group share one data set, so their first-layer products with the inputs are one 
 matrix product with their hidden units side by side. Gradients are written by hand;
 :mod:`reference` computes the same thing with autograd, one model at a time.
 
-On the CPU the step's three matrix products go through NumPy's BLAS rather than
-torch's (see :data:`CPU_PRODUCTS`); everything else stays in torch, on the same memory.
+On the CPU a float32 step's forward and backward pass run in one compiled loop per
+model (see :data:`FUSED_CPU_STEP`); otherwise, and for the test set, the matrix
+products go through NumPy's BLAS rather than torch's (see :data:`CPU_PRODUCTS`).
+Everything else stays in torch, on the same memory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
+from . import _fused
 from ._checks import finite_real, positive_int
 from .networks import Params
 
@@ -204,6 +207,18 @@ DIVERGENCE_CHECK_EVERY = 50
 #: GPU, and for dtypes other than float32 and float64, the products are torch's.
 CPU_PRODUCTS = "numpy"
 _PRODUCTS = ("numpy", "torch")
+#: Whether a float32 training step on the CPU runs the fused kernel of
+#: ``_fused_step.c``: the first-layer product, the ReLU, the head, the mask and the
+#: backward product of each model in one loop, with the activations kept in the
+#: core's cache instead of five passes over them in memory. It is built with the
+#: system's C compiler on first use (see :mod:`spectral_precond._fused`). Where it
+#: cannot be built or run, for other dtypes, and for inputs wider than
+#: :data:`FUSED_MAX_FEATURES`, the step uses the products of :data:`CPU_PRODUCTS`.
+#: Results agree to rounding. :func:`cpu_step` says which a call would use.
+FUSED_CPU_STEP = True
+#: The fused kernel reads each model's (dx + 1) x width first layer once per four
+#: samples; past this many input columns (padded) BLAS's blocking does better.
+FUSED_MAX_FEATURES = 64
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: str) -> Callable[[], None]:
@@ -248,6 +263,34 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+def _padded_width(dx: int) -> int:
+    """Input columns of the first layer's products: dx, the ones of the bias, zeros."""
+    return -(-(dx + 1) // FEATURE_MULTIPLE) * FEATURE_MULTIPLE
+
+
+_fused_warned = False
+
+
+def step_kernel(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                dim: int = 10) -> str:
+    """What runs a training step of ``dim``-dimensional inputs of this dtype on this
+    device: ``"fused"`` (the fused CPU kernel, see :data:`FUSED_CPU_STEP`), or the
+    library of its matrix products, ``"numpy"`` or ``"torch"`` (always on a GPU)."""
+    global _fused_warned
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return "torch"
+    if FUSED_CPU_STEP and dtype == torch.float32 and _padded_width(dim) <= FUSED_MAX_FEATURES:
+        kernel = _fused.kernel()
+        if kernel.library is not None:
+            return "fused"
+        if kernel.failed and not _fused_warned:
+            _fused_warned = True
+            warnings.warn(f"the fused CPU step is unavailable ({kernel.reason}); training "
+                          f"steps use {CPU_PRODUCTS!r} products, which are slower",
+                          RuntimeWarning, stacklevel=3)
+    return CPU_PRODUCTS
+
+
 def _padded_inputs(X: torch.Tensor, K: int) -> torch.Tensor:
     """``[X | 1 | 0]`` transposed: ``(G, K, n)`` from ``X: (G, n, dx)``."""
     G, n, dx = X.shape
@@ -268,20 +311,23 @@ class _Run:
         self.G, self.M, self.N, self.dx, self.dh = G, M, N, dx, dh
         # Inputs with a column of ones, so that the first-layer bias rides in the
         # product, and zero columns up to a multiple of FEATURE_MULTIPLE.
-        self.K = K = -(-(dx + 1) // FEATURE_MULTIPLE) * FEATURE_MULTIPLE
+        self.K = K = _padded_width(dx)
         self.X1t = _padded_inputs(X, K)                 # (G, K, N)
         self.X1 = self.X1t.transpose(1, 2).contiguous()  # (G, N, K)
-        self.y, self.P = y, P
+        self.y, self.P = y.contiguous(), P
         self.X1_test = None
         if X_test is not None:
             self.X1_test = _padded_inputs(X_test, K).transpose(1, 2)   # (G, n_test, K)
             self.y_test = y_test
         if CPU_PRODUCTS not in _PRODUCTS:
             raise ValueError(f"CPU_PRODUCTS must be one of {_PRODUCTS}, got {CPU_PRODUCTS!r}")
+        if not isinstance(FUSED_CPU_STEP, bool):
+            raise ValueError(f"FUSED_CPU_STEP must be True or False, got {FUSED_CPU_STEP!r}")
         if device.type == "cpu" and dtype in (torch.float32, torch.float64):
             self.products = CPU_PRODUCTS
         else:       # a GPU, or a dtype that NumPy's BLAS lacks (bfloat16, float16)
             self.products = "torch"
+        self.fused = step_kernel(dtype, device, dx) == "fused"
         # The first layer [W1 | b1 | 0], stored feature-major as AK of shape
         # (G, K, M, dh): for the models of a chunk, AK[g, :, m0:m1] is one (K, c * dh)
         # matrix (their hidden units side by side, for one wide product), and each
@@ -290,7 +336,7 @@ class _Run:
         self.AK = torch.zeros(G, K, M, dh, dtype=dtype, device=device)
         self.AK[:, :dx] = params.W1.permute(0, 3, 1, 2)
         self.AK[:, dx] = params.b1
-        self.W2, self.b2 = params.W2, params.b2
+        self.W2, self.b2 = params.W2.contiguous(), params.b2.contiguous()
         self.log_at = {int(t): i for i, t in enumerate(steps)}
         self.snapshot_at = sorted({int(t) for t in config.snapshot_steps})
         self.snapshot_AK = {t: torch.empty_like(self.AK) for t in self.snapshot_at}
@@ -380,28 +426,41 @@ class _Chunk:
         Pt[:, dx, dx] = 1.0
         self.Pt = Pt
         self.X1t = run.X1t[g]                          # (K, N)
-        # Activations sample-major: row n holds the c * dh hidden units of sample n,
-        # and each model's (N, dh) block is a strided view.
-        self.Z = torch.empty(N, c * dh, dtype=dtype, device=device)
-        self.S = self.Z.view(N, c, dh).transpose(0, 1)  # (c, N, dh), a view
         self.F = torch.empty(c, 1, N, dtype=dtype, device=device)
-        self.Xr = torch.empty(c, K, N, dtype=dtype, device=device)
         self.GT = torch.empty(c, K, dh, dtype=dtype, device=device)
         self.GT_W1 = self.GT[:, :dx]                   # (c, dx, dh), a view
         self.step_T = torch.empty_like(self.GT)
         self.gW2 = torch.empty(c, dh, dtype=dtype, device=device)
+        self.gb2 = torch.empty(c, dtype=dtype, device=device)
         self.products = products = run.products
-        self.first_layer = _product(run.X1[g], self.A2T, self.Z, products)
-        self.head = _product(self.S, self.W2_cols, self.F.view(c, N, 1), products)
-        self.backward = _product(self.Xr, self.S, self.GT, products)
+        self.fused = None
+        if run.fused:
+            # The kernel's scratch: one model's activations and first layer at a time.
+            self.Z = torch.empty(N + K, dh, dtype=dtype, device=device)
+            self.fused = _fused.step_function(run.X1[g], AK, self.W2, self.b2, run.y[g, m0:m1],
+                                              self.F.view(c, N), self.Z, self.GT, self.gW2,
+                                              self.gb2)
+        else:
+            # Activations sample-major: row n holds the c * dh hidden units of sample
+            # n, and each model's (N, dh) block is a strided view.
+            self.Z = torch.empty(N, c * dh, dtype=dtype, device=device)
+            self.S = self.Z.view(N, c, dh).transpose(0, 1)  # (c, N, dh), a view
+            self.Xr = torch.empty(c, K, N, dtype=dtype, device=device)
+            self.first_layer = _product(run.X1[g], self.A2T, self.Z, products)
+            self.head = _product(self.S, self.W2_cols, self.F.view(c, N, 1), products)
+            self.backward = _product(self.Xr, self.S, self.GT, products)
         self._test_blocks = None
 
     def forward(self):
         """Residuals ``f(x_n) - y_n`` of the training set, ``(c, 1, N)``.
 
-        The pre-activations go into the buffer ``Z``, the ReLU is applied in place,
-        and the head is one batched product.
+        With the fused kernel, this also leaves the gradients of the step in ``GT``,
+        ``gW2`` and ``gb2`` (see :meth:`step`). Otherwise the pre-activations go into the buffer
+        ``Z``, the ReLU is applied in place, and the head is one batched product.
         """
+        if self.fused is not None:
+            self.fused()
+            return self.F
         self.first_layer()
         self.Z.clamp_min_(0.0)
         self.head()
@@ -504,21 +563,22 @@ class _Chunk:
         one product only. Models with ``active`` False (diverged) are left unchanged.
         """
         N = self.run.N
-        torch.mul(self.X1t, r, out=self.Xr)                  # (c, K, N)
-        self.Z.gt_(0.0)                                      # ReLU mask, in place of H
-        # Gradients are formed transposed, (c, K, dh): the products are faster
-        # with dh as the long output dimension.
-        self.backward()
-        GT = self.GT
-        gW2 = torch.linalg.vecdot(GT, self.AT, dim=1, out=self.gW2)
-        GT.mul_(self.W2_rows)                                # [dW1 | db1]^T, no decay
+        GT, gW2, gb2 = self.GT, self.gW2, self.gb2
+        if self.fused is None:    # else the fused kernel has formed all three already
+            torch.mul(self.X1t, r, out=self.Xr)              # (c, K, N)
+            self.Z.gt_(0.0)                                  # ReLU mask, in place of H
+            # Gradients are formed transposed, (c, K, dh): the products are faster
+            # with dh as the long output dimension.
+            self.backward()
+            torch.linalg.vecdot(GT, self.AT, dim=1, out=gW2)
+            GT.mul_(self.W2_rows)                            # [dW1 | db1]^T, no decay
+            torch.sum(r, dim=(1, 2), out=gb2)
         if decay:
             # Weight decay in the same units as the data term (times N / 2).
             self.GT_W1.add_(self.W1T, alpha=decay * N / 2)
             gW2.add_(self.W2, alpha=decay * N / 2)
         # The preconditioned first-layer step, ([dW1 | db1] blockdiag(P, 1))^T.
         torch.bmm(self.Pt, GT, out=self.step_T)
-        gb2 = r.sum(-1).squeeze(1)
         if active is not None:
             self.step_T.masked_fill_(~active.view(-1, 1, 1), 0.0)
             gW2.masked_fill_(~active.view(-1, 1), 0.0)
