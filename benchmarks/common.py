@@ -39,6 +39,10 @@ def machine() -> dict:
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # What runs a float32 step at the paper's dx = 10 here: the fused kernel
+        # (with the instruction set it was built for) or the products' library.
+        "training_step": sp.training.step_kernel(torch.float32, "cpu", 10),
+        "fused_kernel": sp.training._fused.kernel().reason,
     }
 
 

@@ -7,11 +7,12 @@ the memory bandwidth, then trains B models that share one data set (the paper's 
 N = 200, width 500, dx = 10) and reports model-steps per second and the fraction of
 the roofline bound, the larger of FLOPs / peak and bytes / bandwidth. It does so in
 several rounds, each measuring the peak again, and reports the medians. Each round
-also trains 64 models with torch's products instead of NumPy's on the CPU, and 64
-models split over one single-threaded process per core, which shows what the
-hardware gives without the cost of running Python threads side by side. A profile of
-one run at 64 models (on one thread, with the NumPy products labelled) shows where
-the time goes. Writes results/throughput.json.
+also trains 64 models without the fused step (with NumPy's and with torch's
+products), and 64 models split over one single-threaded process per core, which
+shows what the hardware gives without the cost of running Python threads side by
+side. A profile of one run at 64 models (on one thread, with the fused kernel and
+the NumPy products labelled) shows where the time goes. Writes
+results/throughput.json.
 """
 
 from __future__ import annotations
@@ -39,18 +40,20 @@ def batch(n_models: int, dx: int = 10, n_train: int = PAPER["n_train"], width: i
     return X, y, P, params
 
 
-def run(n_models: int, steps: int, products: str = "numpy", **sizes) -> float:
-    """Model-steps/s of ``n_models`` trained at once, with the CPU products of ``products``."""
+def run(n_models: int, steps: int, products: str = "numpy", fused: bool = True, **sizes) -> float:
+    """Model-steps/s of ``n_models`` trained at once, with the fused CPU step or not,
+    and the CPU products of ``products``."""
     X, y, P, params = batch(n_models, **sizes)
     config = sp.TrainConfig(n_steps=steps, log_steps=[steps])
-    default, sp.training.CPU_PRODUCTS = sp.training.CPU_PRODUCTS, products
+    settings = sp.training.CPU_PRODUCTS, sp.training.FUSED_CPU_STEP
+    sp.training.CPU_PRODUCTS, sp.training.FUSED_CPU_STEP = products, fused
     try:
         sp.train(X, y, P, params, sp.TrainConfig(n_steps=5, log_steps=[5]))
         t0 = time.perf_counter()
         sp.train(X, y, P, params, config)
         return n_models * steps / (time.perf_counter() - t0)
     finally:
-        sp.training.CPU_PRODUCTS = default
+        sp.training.CPU_PRODUCTS, sp.training.FUSED_CPU_STEP = settings
 
 
 CHILD = r"""
@@ -95,28 +98,32 @@ def profile_one_thread(n_models: int, steps: int = 100, top: int = 9) -> list[di
     """Shares of one thread's time by operation, for ``n_models`` models.
 
     The profiler records the calling thread only, so the chunks run serially on one
-    thread. It sees torch's operations; the NumPy products are labelled for it by
-    wrapping the trainer's product functions.
+    thread. It sees torch's operations; the fused kernel and the NumPy products are
+    labelled for it by wrapping the functions that the trainer makes for them.
     """
-    make = sp.training._product
+    make, make_fused = sp.training._product, sp.training._fused.step_function
 
-    def labelled(a, b, out, backend):
-        product, name = make(a, b, out, backend), _product_name(out)
-
+    def label(function, name):
         def call():
             with record_function(name):
-                product()
+                function()
         return call
+
+    def labelled(a, b, out, backend):
+        return label(make(a, b, out, backend), _product_name(out))
+
+    def labelled_fused(*args, **kwargs):
+        return label(make_fused(*args, **kwargs), "fused step kernel (C)")
 
     X, y, P, params = batch(n_models)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    sp.training._product = labelled
+    sp.training._product, sp.training._fused.step_function = labelled, labelled_fused
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             sp.train(X, y, P, params, sp.TrainConfig(n_steps=steps, log_steps=[steps]))
     finally:
-        sp.training._product = make
+        sp.training._product, sp.training._fused.step_function = make, make_fused
         torch.set_num_threads(threads)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
@@ -142,16 +149,18 @@ def main():
         peak = max(peaks.values())
         bound = max(flops / (peak * 1e9), nbytes / (bandwidth * 1e9))   # s per model-step
         rates = {B: run(B, args.steps) for B in args.models}
-        torch_products = run(64, args.steps, products="torch")
+        blas = run(64, args.steps, fused=False)
+        torch_products = run(64, args.steps, products="torch", fused=False)
         processes = separate_processes(64, args.steps)
         rounds.append({"peak_gflops": peak, "peak_gflops_by_library": peaks,
                        "bandwidth_gbs": bandwidth, "bound_s": bound,
-                       "rates": rates, "torch_products_64": torch_products,
-                       "processes_64": processes})
+                       "rates": rates, "numpy_products_64": blas,
+                       "torch_products_64": torch_products, "processes_64": processes})
         print(f"round {k + 1}: peak {peak:.0f} GFLOP/s (torch {peaks['torch']:.0f}, "
               f"numpy {peaks['numpy']:.0f}), bandwidth {bandwidth:.1f} GB/s, "
               + ", ".join(f"{B}: {rate:.0f}" for B, rate in rates.items()) + " model-steps/s"
-              + f"; 64 models with torch's products: {torch_products:.0f}"
+              + f"; 64 models without the fused step: {blas:.0f} (NumPy's products), "
+              + f"{torch_products:.0f} (torch's)"
               + f", in separate processes: {processes:.0f}")
     peak = float(np.median([r["peak_gflops"] for r in rounds]))
     peak_by_library = {lib: float(np.median([r["peak_gflops_by_library"][lib] for r in rounds]))
@@ -178,13 +187,17 @@ def main():
         "roofline_fraction": float(np.median([r["processes_64"] * r["bound_s"] for r in rounds])),
         "threads": float(np.median([r["rates"][64] for r in rounds])) if 64 in args.models else None,
     }
-    torch_products = {
-        "model_steps_per_s": float(np.median([r["torch_products_64"] for r in rounds])),
-        "roofline_fraction": float(np.median([r["torch_products_64"] * r["bound_s"] for r in rounds])),
-    }
-    print(f"64 models with torch's products on the CPU: "
-          f"{torch_products['model_steps_per_s']:.0f} model-steps/s "
-          f"({100 * torch_products['roofline_fraction']:.0f} % of roofline)")
+    def median_64(key):
+        return {
+            "model_steps_per_s": float(np.median([r[key] for r in rounds])),
+            "roofline_fraction": float(np.median([r[key] * r["bound_s"] for r in rounds])),
+        }
+
+    numpy_products, torch_products = median_64("numpy_products_64"), median_64("torch_products_64")
+    for name, rate in (("NumPy's", numpy_products), ("torch's", torch_products)):
+        print(f"64 models without the fused step, with {name} products: "
+              f"{rate['model_steps_per_s']:.0f} model-steps/s "
+              f"({100 * rate['roofline_fraction']:.0f} % of roofline)")
     print(f"64 models, one single-threaded process per core: "
           f"{processes['model_steps_per_s']:.0f} model-steps/s "
           f"({100 * processes['roofline_fraction']:.0f} % of roofline)")
@@ -197,7 +210,8 @@ def main():
         "bandwidth_gbs": bandwidth,
         "flops_per_model_step": flops, "bytes_per_model_step": nbytes,
         "roofline_model_steps_per_s": 1 / bound, "rows": rows, "profile_64_models": breakdown,
-        "processes_64": processes, "torch_products_64": torch_products,
+        "processes_64": processes, "numpy_products_64": numpy_products,
+        "torch_products_64": torch_products,
         "rounds": [{**r, "rates": {str(B): v for B, v in r["rates"].items()}} for r in rounds],
     })
     print(f"-> {path}")

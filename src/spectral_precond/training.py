@@ -186,7 +186,9 @@ def _expand_preconditioner(P: torch.Tensor, G: int, M: int, dx: int) -> torch.Te
 #: passes over them in one step hit the cache rather than main memory. Larger
 #: chunks spread the fixed cost of launching a step's operations over more models;
 #: on the 2-core machine of the book's benchmarks (1 MiB of L2 per core, 32 MiB of
-#: shared L3) about 3 MiB per chunk was fastest.
+#: shared L3) about 3 MiB per chunk was fastest. The fused step keeps one model's
+#: activations at a time, but uses the same chunks (8 models at the paper's sizes;
+#: 4 were clearly slower, 16 and 32 within the machine's noise).
 CPU_CHUNK_BYTES = 7 << 19
 #: Same bound for the test-set forward pass.
 EVAL_CHUNK_BYTES = 1 << 20
@@ -560,7 +562,9 @@ class _Chunk:
         fall on the small input matrix rather than on the activations. The gradient of
         ``W2`` is the row-wise dot product of ``A`` with ``GX`` (because
         ``relu(z) = 1[z > 0] z`` and ``Z = A X1^T``), so the activations are read by
-        one product only. Models with ``active`` False (diverged) are left unchanged.
+        one product only. The fused kernel computes the same three gradients, with
+        ``GX = X1^T (r * S)``, in :meth:`forward`. Models with ``active`` False
+        (diverged) are left unchanged.
         """
         N = self.run.N
         GT, gW2, gb2 = self.GT, self.gW2, self.gb2
@@ -634,6 +638,8 @@ def train(
     -----
     On the CPU the chunks of models run on one worker thread per core, each
     single-threaded; NumPy's BLAS is set to one thread (see :data:`CPU_PRODUCTS`).
+    float32 steps run the fused kernel where it is available (see
+    :data:`FUSED_CPU_STEP` and :func:`step_kernel`).
     """
     X = _as_groups("X_train", X_train, 3)
     y = _as_groups("y_train", y_train, 3)
