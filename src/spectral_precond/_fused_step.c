@@ -55,7 +55,9 @@ T512 static float model512(ptrdiff_t n, ptrdiff_t k, ptrdiff_t h, const float *X
     float rsum = 0.0f;
     for (ptrdiff_t i = 0; i < n; i += 4) {
         const ptrdiff_t rows = n - i < 4 ? n - i : 4;
-        const float *x0 = X + i * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+        /* Rows past the end are never read; their pointers stay inside X. */
+        const float *x0 = X + i * k, *x1 = rows > 1 ? x0 + k : x0;
+        const float *x2 = rows > 2 ? x1 + k : x0, *x3 = rows > 3 ? x2 + k : x0;
         __m512 h0 = zero, h1 = zero, h2 = zero, h3 = zero;
         for (ptrdiff_t j = 0; j < h; j += 16) {
             const __mmask16 m = mask16(h - j);
@@ -182,7 +184,9 @@ T256 static float model256(ptrdiff_t n, ptrdiff_t k, ptrdiff_t h, const float *X
     float rsum = 0.0f;
     for (ptrdiff_t i = 0; i < n; i += 4) {
         const ptrdiff_t rows = n - i < 4 ? n - i : 4;
-        const float *x0 = X + i * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+        /* Rows past the end are never read; their pointers stay inside X. */
+        const float *x0 = X + i * k, *x1 = rows > 1 ? x0 + k : x0;
+        const float *x2 = rows > 2 ? x1 + k : x0, *x3 = rows > 3 ? x2 + k : x0;
         __m256 h0 = zero, h1 = zero, h2 = zero, h3 = zero;
         for (ptrdiff_t j = 0; j < h; j += 8) {
             const ptrdiff_t left = h - j;
