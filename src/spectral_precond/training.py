@@ -216,7 +216,7 @@ _PRODUCTS = ("numpy", "torch")
 #: system's C compiler on first use (see :mod:`spectral_precond._fused`). Where it
 #: cannot be built or run, for other dtypes, and for inputs wider than
 #: :data:`FUSED_MAX_FEATURES`, the step uses the products of :data:`CPU_PRODUCTS`.
-#: Results agree to rounding. :func:`cpu_step` says which a call would use.
+#: Results agree to rounding. :func:`step_kernel` says which a call would use.
 FUSED_CPU_STEP = True
 #: The fused kernel reads each model's (dx + 1) x width first layer once per four
 #: samples, so its advantage shrinks as dx grows. On the book's benchmark machine it
@@ -459,8 +459,9 @@ class _Chunk:
         """Residuals ``f(x_n) - y_n`` of the training set, ``(c, 1, N)``.
 
         With the fused kernel, this also leaves the gradients of the step in ``GT``,
-        ``gW2`` and ``gb2`` (see :meth:`step`). Otherwise the pre-activations go into the buffer
-        ``Z``, the ReLU is applied in place, and the head is one batched product.
+        ``gW2`` and ``gb2`` (see :meth:`step`). Otherwise the pre-activations go into
+        the buffer ``Z``, the ReLU is applied in place, and the head is one batched
+        product.
         """
         if self.fused is not None:
             self.fused()
