@@ -37,7 +37,7 @@ def test_a_result_depends_on_its_module_and_what_it_imports_only(tmp_path, monke
     assert "plotting" not in closure and "results" not in closure
     # Copy the package, then edit one file at a time: only edits inside the closure
     # change the key of a sweep unit.
-    for path in cache._SOURCE.glob("*.py"):
+    for path in [*cache._SOURCE.glob("*.py"), *cache._SOURCE.glob("*.c")]:
         (tmp_path / path.name).write_text(path.read_text())
     monkeypatch.setattr(cache, "_SOURCE", tmp_path)
 
@@ -49,7 +49,12 @@ def test_a_result_depends_on_its_module_and_what_it_imports_only(tmp_path, monke
     (tmp_path / "plotting.py").write_text("# edited\n" + (tmp_path / "plotting.py").read_text())
     assert key() == base
     (tmp_path / "training.py").write_text("# edited\n" + (tmp_path / "training.py").read_text())
-    assert key() != base
+    edited = key()
+    assert edited != base
+    # The trainer's C kernel counts too, through the module that builds it.
+    assert "_fused" in closure
+    (tmp_path / "_fused_step.c").write_text("/* edited */\n" + (tmp_path / "_fused_step.c").read_text())
+    assert key() != edited
     cache.library_fingerprint.cache_clear()
     with pytest.raises(ValueError, match="not a module"):
         cache.module_closure("nope")

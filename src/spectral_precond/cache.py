@@ -69,7 +69,8 @@ def library_fingerprint(module: str | None = None) -> str:
 
     With ``module`` (e.g. ``"spectral_precond.sweeps"``) only that module and the
     package modules it imports are hashed, so that editing, say, the plotting code
-    does not discard stored training runs; without it, every source file.
+    does not discard stored training runs; without it, every source file. A module's
+    C sources, named after it (``_fused_step.c`` for ``_fused``), count with it.
     """
     from . import __version__
 
@@ -79,6 +80,9 @@ def library_fingerprint(module: str | None = None) -> str:
     for name in names:
         digest.update(name.encode())
         digest.update((_SOURCE / f"{name}.py").read_bytes())
+        for companion in sorted(_SOURCE.glob(f"{name}_*.c")):
+            digest.update(companion.name.encode())
+            digest.update(companion.read_bytes())
     return f"{__version__}+torch{torch.__version__}+{digest.hexdigest()[:16]}"
 
 
