@@ -70,7 +70,8 @@ def kernel() -> Kernel:
             try:
                 _build(target, compiler)
             except PermissionError:     # a read-only home: build in the temporary folder
-                target = Path(tempfile.gettempdir()) / f"spectral_precond-{os.getuid()}" / target.name
+                user = os.getuid() if hasattr(os, "getuid") else "user"
+                target = Path(tempfile.gettempdir()) / f"spectral_precond-{user}" / target.name
                 if not target.exists():
                     _build(target, compiler)
         library = ctypes.CDLL(str(target))
