@@ -117,9 +117,11 @@ def test_training_with_the_fused_step_matches_training_with_blas(monkeypatch):
     make = _fused.step_function
     monkeypatch.setattr(_fused, "step_function", lambda *a, **k: calls.append(1) or make(*a, **k))
     fused = sp.train(X, y, P, params, cfg, Xt, yt)
-    assert calls                                 # the fused kernel did run
+    fused_chunks = len(calls)
+    assert fused_chunks                          # the fused kernel did run
     monkeypatch.setattr(sp.training, "FUSED_CPU_STEP", False)
     blas = sp.train(X, y, P, params, cfg, Xt, yt)
+    assert len(calls) == fused_chunks            # and this run did not use it
     torch.testing.assert_close(fused.train_loss, blas.train_loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused.test_loss, blas.test_loss, rtol=1e-4, atol=1e-6)
     for a, b in zip(fused.params.tensors(), blas.params.tensors()):
