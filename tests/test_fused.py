@@ -12,8 +12,18 @@ from spectral_precond import _fused
 
 f32 = torch.float32      # explicit everywhere: another test module sets a float64 default
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
-                                    reason="no C compiler on this machine")
+
+@pytest.fixture
+def compiler():
+    """Skip without a C compiler, unless ``REQUIRE_COMPILER=1`` (as in CI): then fail."""
+    name = os.environ.get("CC", "cc")
+    if shutil.which(name) is None:
+        if os.environ.get("REQUIRE_COMPILER") == "1":
+            pytest.fail(f"REQUIRE_COMPILER=1 but the C compiler {name!r} is not installed")
+        pytest.skip("no C compiler on this machine")
+
+
+needs_compiler = pytest.mark.usefixtures("compiler")
 
 
 def _variants():
